@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create the virtualenv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+DEPS := $(VENV)/.deps-$(HASH)
+# The editable install records this checkout's path, so a venv shared between clones (CI's cache) is re-linked.
+LINK := .linked-$(HASH)
+BIN := $(VENV)/bin
+
+.PHONY: demo test sim install clean
+
+install: $(LINK)
+
+$(DEPS):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+$(LINK): $(DEPS)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+demo: $(LINK)
+	$(BIN)/lte-sim --config configs/digits.yaml --method lte --output runs/demo/result.json
+
+test: $(LINK)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .linked-* runs results

@@ -1,0 +1,138 @@
+"""The run spec: one pydantic model that the simulator, the peers and the coordinator all read.
+
+Validation happens here, once, so every tool rejects bad input with the same one-line message.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lte.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos; a silently ignored `merge_evry` would ruin a run.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = "vit_tiny_patch16_224"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(_Strict):
+    dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    path: str | None = None
+    batch_size: int = Field(64, gt=0)
+    image_size: int | None = Field(None, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class LTESpec(_Strict):
+    heads: int = Field(4, gt=0)
+    rank: int = Field(32, gt=0)
+    alpha: float = Field(256.0, gt=0)
+    merge_every: int = Field(10, gt=0)
+    reset: bool = False
+    fold: bool = True
+    # Modules (fnmatch patterns on module names) kept dense and averaged like replicas, e.g. a classifier
+    # whose output size is smaller than the rank.
+    dense_modules: list[str] = Field(default_factory=lambda: ["head"])
+    a_init: Literal["sqrt_in_over_r", "sqrt_r_over_in", "unit"] = "sqrt_in_over_r"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(3e-4, gt=0)
+    replica_lr: float | None = Field(None, gt=0)
+    full_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(50, ge=0)
+    steps: int = Field(1500, gt=0)
+
+
+class RunSpec(_Strict):
+    run: str = "digits-vit-tiny"
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    lte: LTESpec = Field(default_factory=LTESpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    eval_every: int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_splits_across_heads(self) -> "RunSpec":
+        if self.data.batch_size % self.lte.heads:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not divisible by lte.heads={self.lte.heads}: "
+                "the cumulative batch is split evenly across heads"
+            )
+        return self
+
+    def spec_hash(self) -> str:
+        """A stable hash of everything that must agree between participants of one run."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}"
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`a.b=3` strings (YAML values) into a nested dict, so any spec field can be set from the command line."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not of the form key.path=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "config") -> RunSpec:
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_first_error(err)}") from None
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Read a YAML run spec; every failure is a ConfigError with one line that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return spec_from_dict(_deep_update(data, overrides or {}), str(path))

@@ -1,0 +1,279 @@
+"""Multi-head LoRA over a frozen base: the model side of LoRA-the-Explorer.
+
+One `LTEModel` holds N heads. Each head owns LoRA factors (A, B) on every converted `nn.Linear` and its own copy
+("replica") of every other trainable parameter. The base weights W are shared and frozen. All N heads run in one
+pass with `torch.func.vmap`, each on its B/N slice of the batch, so N heads cost about one model's matmuls; a
+network peer is the N = 1 case of the same code.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from lte.config import LTESpec
+from lte.errors import ConfigError
+from lte.merge import Factors, HeadContribution, MergeUpdate, apply_update, merge_contributions
+
+
+def head_seed(run_seed: int, head_id: str) -> int:
+    """A head's init seed: distinct per head, and reproducible from the run seed and the head's id alone."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{head_id}".encode()).digest()[:8], "little") >> 1
+
+
+def init_lora_a(rank: int, in_features: int, seed: int, mode: str) -> Tensor:
+    """Semi-orthogonal A (orthonormal rows) so that different heads start in different subspaces."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.empty(rank, in_features)
+    nn.init.orthogonal_(a, generator=gen)
+    gain = {"sqrt_in_over_r": math.sqrt(in_features / rank), "sqrt_r_over_in": math.sqrt(rank / in_features)}
+    return a * gain.get(mode, 1.0)
+
+
+class LoRALinear(nn.Module):
+    """`nn.Linear` with a frozen base weight and LoRA heads; run per head under vmap.
+
+    Every tensor but `weight` carries a leading head dimension. With `folded`, the head's forward uses its local
+    copy W - s V (design notes §1) and runs the low-rank path once; otherwise it runs W x + s (B A x - V x).
+    The names `weight` and `bias` are timm's, so a merged state dict loads into the unconverted model.
+    """
+
+    def __init__(self, linear: nn.Linear, heads: int, rank: int, scale: float, fold: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rank, self.scale, self.merged_view = rank, scale, False
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone().unsqueeze(0).repeat(heads, 1))
+        self.lora_A = nn.Parameter(torch.zeros(heads, rank, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(heads, self.out_features, rank))
+        self.register_buffer("v_A", torch.zeros(heads, rank, self.in_features))
+        self.register_buffer("v_B", torch.zeros(heads, self.out_features, rank))
+        self.register_buffer("folded", self.weight.unsqueeze(0).repeat(heads, 1, 1) if fold else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged_view:
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight if self.folded is None else self.folded
+        y = F.linear(x, w, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if self.folded is None:
+            y = y - self.scale * F.linear(F.linear(x, self.v_A), self.v_B)
+        return y
+
+    def refold(self) -> None:
+        if self.folded is not None:
+            self.folded.copy_(self.weight - self.scale * torch.bmm(self.v_B, self.v_A))
+
+
+def _turn_off_fused_attention(model: nn.Module) -> None:
+    # vmap has no batching rule for the fused CPU attention kernel and falls back to a slow per-head loop;
+    # timm's explicit attention path is the same math and batches well.
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+
+class LTEModel(nn.Module):
+    """N LoRA heads over one frozen base. `forward` in train mode returns per-head logits (N, B/N, ...).
+
+    In eval mode the model is the merged base (what a merge with equal weights would give now), so evaluating it is
+    evaluating the checkpoint users download.
+    """
+
+    def __init__(self, model: nn.Module, spec: LTESpec, head_ids: Sequence[str], run_seed: int,
+                 rank: int | None = None, scale: float | None = None):
+        super().__init__()
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ConfigError("model: BatchNorm running statistics cannot be split across heads; use a model without BatchNorm")
+        self.spec, self.head_ids, self.run_seed = spec, list(head_ids), run_seed
+        self.heads = len(self.head_ids)
+        self.rank = rank or spec.rank
+        self.scale = spec.scale if scale is None else scale
+        self.state_keys = list(model.state_dict().keys())
+        self.net = model
+        _turn_off_fused_attention(self.net)
+        self.layers: dict[str, LoRALinear] = {}
+        self._convert()
+        self._per_head = {n for n, _ in self.net.named_parameters()} | {
+            f"{name}.{b}" for name, layer in self.layers.items() for b in ("v_A", "v_B", "folded")
+            if getattr(layer, b) is not None}
+        self._merged_cache: dict[str, Tensor] | None = None
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                for h, hid in enumerate(self.head_ids):
+                    # The seed covers the layer name too, so the layers of one head are not initialised alike.
+                    seed = head_seed(run_seed, f"{hid}/{name}")
+                    layer.lora_A[h] = init_lora_a(layer.rank, layer.in_features, seed, spec.a_init)
+
+    def _convert(self) -> None:
+        targets = [(n, m) for n, m in self.net.named_modules()
+                   if isinstance(m, nn.Linear) and not any(fnmatch.fnmatch(n, p) for p in self.spec.dense_modules)]
+        if not targets:
+            raise ConfigError("lte: the model has no nn.Linear layer to convert")
+        for name, lin in targets:
+            if self.rank > min(lin.in_features, lin.out_features):
+                raise ConfigError(
+                    f"lte.rank={self.rank} is larger than layer {name} ({lin.out_features}x{lin.in_features}); "
+                    f"use a rank <= {min(lin.in_features, lin.out_features)} or list the layer in lte.dense_modules")
+        for name, lin in targets:
+            parent, _, child = name.rpartition(".")
+            layer = LoRALinear(lin, self.heads, self.rank, self.scale, self.spec.fold)
+            setattr(self.net.get_submodule(parent) if parent else self.net, child, layer)
+            self.layers[name] = layer
+        # Every remaining trainable parameter becomes a replica: one copy per head.
+        for mod_name, mod in self.net.named_modules():
+            if isinstance(mod, LoRALinear):
+                continue
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                setattr(mod, pname, nn.Parameter(p.detach().clone().unsqueeze(0).repeat(self.heads, *[1] * p.dim())))
+        for p in self.net.parameters():
+            p.requires_grad_(True)
+
+    # ----- parameters -------------------------------------------------------------------------------------------
+    def factor_parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.layers.values():
+            yield layer.lora_A
+            yield layer.lora_B
+
+    def replica_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for n, p in self.net.named_parameters():
+            if not n.endswith((".lora_A", ".lora_B")):
+                yield n, p
+
+    # ----- forward ----------------------------------------------------------------------------------------------
+    def _split_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        per_head, shared = {}, {}
+        for n, t in list(self.net.named_parameters()) + list(self.net.named_buffers()):
+            (per_head if n in self._per_head else shared)[n] = t
+        return per_head, shared
+
+    def forward(self, x: Tensor, split: bool = True) -> Tensor:
+        if not self.training:
+            return functional_call(self.net, self.merged_state_dict(), (x,), strict=False)
+        per_head, shared = self._split_state()
+        if self.heads == 1:
+            return functional_call(self.net, {**shared, **{k: v[0] for k, v in per_head.items()}}, (x,)).unsqueeze(0)
+        if split:
+            if x.shape[0] % self.heads:
+                raise ValueError(f"batch of {x.shape[0]} does not split across {self.heads} heads")
+            x = x.reshape(self.heads, x.shape[0] // self.heads, *x.shape[1:])
+
+        def one_head(params: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return functional_call(self.net, {**shared, **params}, (xi,))
+
+        return vmap(one_head, in_dims=(0, 0 if split else None), randomness="different")(per_head, x)
+
+    def train(self, mode: bool = True) -> "LTEModel":
+        super().train(mode)
+        self._merged_cache = None
+        for layer in self.layers.values():
+            layer.merged_view = not mode
+        return self
+
+    # ----- merging ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def head_contribution(self, h: int, samples: float = 1.0) -> HeadContribution:
+        factors = {n: (l.lora_A[h], l.lora_B[h]) for n, l in self.layers.items()}
+        prev = None if self.spec.reset else {n: (l.v_A[h], l.v_B[h]) for n, l in self.layers.items()}
+        replicas = {n: p[h] for n, p in self.replica_parameters()}
+        return HeadContribution(self.head_ids[h], samples, factors, replicas, prev)
+
+    def contributions(self, samples: Sequence[float] | None = None) -> list[HeadContribution]:
+        samples = samples or [1.0] * self.heads
+        return [self.head_contribution(h, s) for h, s in enumerate(samples)]
+
+    @torch.no_grad()
+    def base_state_dict(self) -> dict[str, Tensor]:
+        """The shared base as a timm state dict. Replicas are head 0's copy: equal on all heads right after a merge."""
+        per_head, shared = self._split_state()
+        out = {}
+        for key in self.state_keys:
+            out[key] = per_head[key][0].detach().clone() if key in per_head else shared[key].detach().clone()
+        return out
+
+    @torch.no_grad()
+    def merged_state_dict(self, samples: Sequence[float] | None = None) -> dict[str, Tensor]:
+        """What the base would be after merging all heads now: a plain state dict for the unconverted timm model."""
+        if samples is None and self._merged_cache is not None:
+            return self._merged_cache
+        state = self.base_state_dict()
+        apply_update(state, merge_contributions(self.contributions(samples), self.scale))
+        if samples is None and not self.training:
+            self._merged_cache = state
+        return state
+
+    @torch.no_grad()
+    def merge(self, samples: Sequence[float] | None = None) -> MergeUpdate:
+        """Merge all N heads into the base (emulation: the network does the same through `apply_merge`)."""
+        update = merge_contributions(self.contributions(samples), self.scale)
+        self.apply_merge(update)
+        return update
+
+    @torch.no_grad()
+    def apply_merge(self, update: MergeUpdate, sent: Mapping[str, Factors] | None = None) -> None:
+        """Apply a merged update and move every head to its post-merge state (V <- B A, or reset B and V).
+
+        `sent` (single-head peers) are the factors as they went over the wire, which is what the base now
+        accounts for; with fp16 on the wire they differ slightly from the live factors.
+        """
+        state = {f"{n}.weight": l.weight for n, l in self.layers.items()}
+        state.update({n: p[0] for n, p in self.replica_parameters()})
+        apply_update(state, update)
+        self.load_base(state, sent)
+
+    @torch.no_grad()
+    def load_base(self, state: Mapping[str, Tensor], sent: Mapping[str, Factors] | None = None) -> None:
+        """Set the base (weights and replicas) from a state dict and drop every head's unmerged progress.
+
+        V <- B A makes each head's pending delta zero while keeping A, B and the optimizer state, which the paper
+        found better than resetting them. A peer that resyncs after missing a round uses this too.
+        """
+        if sent is not None and self.heads != 1:
+            raise ValueError("`sent` factors are for single-head peers")
+        for n, layer in self.layers.items():
+            layer.weight.copy_(state[f"{n}.weight"])
+            if self.spec.reset:
+                layer.lora_B.zero_()
+                layer.v_A.zero_()
+                layer.v_B.zero_()
+            elif sent is not None:
+                layer.v_A[0].copy_(sent[n][0])
+                layer.v_B[0].copy_(sent[n][1])
+            else:
+                layer.v_A.copy_(layer.lora_A)
+                layer.v_B.copy_(layer.lora_B)
+            layer.refold()
+        for n, p in self.replica_parameters():
+            p.copy_(state[n].unsqueeze(0).expand_as(p))
+        self._merged_cache = None
+
+
+def prepare_model(model: nn.Module, spec: LTESpec, run_seed: int = 0, head_ids: Sequence[str] | None = None) -> LTEModel:
+    """Convert any nn.Module (tested on timm ViTs) into an LTE model with `spec.heads` heads."""
+    ids = list(head_ids) if head_ids is not None else [f"head{h:03d}" for h in range(spec.heads)]
+    return LTEModel(model, spec, ids, run_seed)
+
+
+def mhlora_model(model: nn.Module, spec: LTESpec, run_seed: int = 0) -> LTEModel:
+    """Multi-head LoRA baseline: W + (s/N) sum_n B_n A_n on one model, never merged.
+
+    N rank-r heads summed are exactly one rank-N*r LoRA with scale s/N whose A is the heads' A stacked, so it is
+    built as that, with the same per-head A init as LTE (which makes the T = 1 equivalence testable).
+    """
+    n, r = spec.heads, spec.rank
+    one = spec.model_copy(update={"heads": 1, "fold": False})
+    m = LTEModel(model, one, ["mhlora"], run_seed, rank=n * r, scale=spec.scale / n)
+    with torch.no_grad():
+        for name, layer in m.layers.items():
+            blocks = [init_lora_a(r, layer.in_features, head_seed(run_seed, f"head{h:03d}/{name}"), spec.a_init)
+                      for h in range(n)]
+            layer.lora_A[0].copy_(torch.cat(blocks, 0))
+    return m

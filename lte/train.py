@@ -1,0 +1,138 @@
+"""One training loop for every method the simulator compares: full, lora, mhlora and lte.
+
+Read it top to bottom: build data and model, build AdamW, then step; LTE differs from the rest by one line, the
+merge every T steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from lte.config import RunSpec
+from lte.data import batches, eval_loader, load_datasets
+from lte.lora import LTEModel, mhlora_model, prepare_model
+from lte.models import create_base_model
+
+Method = Literal["full", "lora", "mhlora", "lte"]
+METHODS: tuple[str, ...] = ("full", "lora", "mhlora", "lte")
+
+
+def warmup_cosine(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def build_model(spec: RunSpec, method: Method) -> nn.Module:
+    base = create_base_model(spec.model)
+    if method == "full":
+        return base
+    if method == "lora":
+        return prepare_model(base, spec.lte.model_copy(update={"heads": 1}), spec.seed)
+    if method == "mhlora":
+        return mhlora_model(base, spec.lte, spec.seed)
+    return prepare_model(base, spec.lte, spec.seed)
+
+
+def param_groups(model: nn.Module, spec: RunSpec, method: Method) -> list[dict[str, Any]]:
+    """AdamW groups. Decay applies to matrices (LoRA factors, dense weights), not to norms, biases or tokens."""
+    o = spec.optim
+    if not isinstance(model, LTEModel):
+        mats = [p for p in model.parameters() if p.dim() >= 2 and p.numel() > p.shape[-1]]
+        rest = [p for p in model.parameters() if not (p.dim() >= 2 and p.numel() > p.shape[-1])]
+        return [dict(params=mats, lr=o.full_lr, weight_decay=o.weight_decay),
+                dict(params=rest, lr=o.full_lr, weight_decay=0.0)]
+    rlr = o.replica_lr or o.lr
+    # Replicas carry a leading head dimension; decide on the per-head shape.
+    mats = [p for _, p in model.replica_parameters() if p[0].dim() >= 2 and p[0].numel() > p[0].shape[-1]]
+    ids = {id(p) for p in mats}
+    rest = [p for _, p in model.replica_parameters() if id(p) not in ids]
+    return [dict(params=list(model.factor_parameters()), lr=o.lr, weight_decay=o.weight_decay),
+            dict(params=mats, lr=rlr, weight_decay=o.weight_decay),
+            dict(params=rest, lr=rlr, weight_decay=0.0)]
+
+
+def head_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of each head's mean loss: heads stay independent, exactly as N separate peers would be."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), y)
+    n, b = logits.shape[:2]
+    # Labels come split like the batch (one slice per head) or, when every head saw the whole batch, once.
+    y = y.view(n, b) if y.numel() == n * b else y.expand(n, b)
+    per = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), reduction="none")
+    return per.view(n, b).mean(1).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, device: str) -> tuple[float, float]:
+    """(accuracy, mean loss) of the merged model on a held-out set."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for x, y in eval_loader(dataset):
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return correct / total, loss / total
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = True,
+          datasets: tuple[Dataset, Dataset] | None = None) -> dict[str, Any]:
+    """Train `method` on `spec` and return the result record the simulator prints and saves."""
+    torch.manual_seed(spec.seed)
+    train_ds, test_ds = datasets or load_datasets(spec.data, spec.seed)
+    model = build_model(spec, method).to(device)
+    opt = torch.optim.AdamW(param_groups(model, spec, method), betas=spec.optim.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
+    stream: Iterable = batches(train_ds, spec.data.batch_size, spec.seed)
+    heads = model.heads if isinstance(model, LTEModel) else 1
+    losses, evals, merges = [], [], 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(spec.optim.steps), desc=method, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        x, y = next(stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x)
+        loss = head_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if method == "lte" and (step + 1) % spec.lte.merge_every == 0:
+            model.merge()
+            merges += 1
+        losses.append(loss.item() / heads)
+        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.optim.steps:
+            acc, tloss = evaluate(model, test_ds, device)
+            evals.append({"step": step + 1, "samples": (step + 1) * spec.data.batch_size,
+                          "test_accuracy": acc, "test_loss": tloss})
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc:.3f}")
+    wall = time.perf_counter() - t0
+    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    return {
+        "method": method, "run": spec.run, "spec_hash": spec.spec_hash(), "device": device,
+        "test_accuracy": evals[-1]["test_accuracy"], "test_loss": evals[-1]["test_loss"],
+        "steps": spec.optim.steps, "samples_seen": spec.optim.steps * spec.data.batch_size,
+        "merges": merges, "wall_time_s": wall, "steps_per_s": spec.optim.steps / wall,
+        "trainable_parameters": trainable, "loss_curve": losses, "eval_curve": evals,
+        "spec": spec.model_dump(mode="json"),
+    }
