@@ -22,7 +22,7 @@ $(LINK): $(DEPS)
 	@touch $@
 
 demo: $(LINK)
-	$(BIN)/lte-sim --config configs/digits.yaml --method lte --output runs/demo/result.json
+	$(BIN)/lte-demo --config configs/digits.yaml --peers 3 --rounds 30
 
 test: $(LINK)
 	$(BIN)/python -m pytest -q

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from lte.config import RunSpec
 from lte.data import batches, eval_loader, load_datasets
-from lte.lora import LTEModel, mhlora_model, prepare_model
+from lte.lora import LTEModel, head_seed, mhlora_model, prepare_model
 from lte.models import create_base_model
 
 Method = Literal["full", "lora", "mhlora", "lte"]
@@ -136,3 +136,38 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
         "trainable_parameters": trainable, "loss_curve": losses, "eval_curve": evals,
         "spec": spec.model_dump(mode="json"),
     }
+
+
+class HeadTrainer:
+    """One LTE head on one data shard: what a network peer runs between merges.
+
+    The simulator's equivalence check builds the same object, so a network run can be replayed in one process.
+    """
+
+    def __init__(self, spec: RunSpec, base_model: nn.Module, head_id: str, train_set: Dataset, batch_size: int,
+                 device: str = "cpu"):
+        self.spec, self.device, self.batch_size = spec, device, batch_size
+        one = spec.lte.model_copy(update={"heads": 1})
+        self.model = prepare_model(base_model, one, spec.seed, head_ids=[head_id]).to(device)
+        self.opt = torch.optim.AdamW(param_groups(self.model, spec, "lte"), betas=spec.optim.betas)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
+        self.stream = batches(train_set, batch_size, head_seed(spec.seed, head_id))
+        self.steps = 0
+
+    def train_steps(self, n: int, progress: bool = False, desc: str = "") -> tuple[int, float]:
+        """Run `n` optimizer steps; returns (samples processed, mean loss)."""
+        total = 0.0
+        for _ in tqdm(range(n), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            x, y = next(self.stream)
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device):
+                logits = self.model(x)
+            loss = head_loss(logits, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            total += loss.item()
+            self.steps += 1
+        return n * self.batch_size, total / max(1, n)

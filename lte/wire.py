@@ -1,10 +1,10 @@
 """What one head sends in a round: an ordered list of tensors that the transport addresses by content hash.
 
-A blob holds, in a fixed order, the LoRA factors (A, B) of every converted layer and then every replica parameter.
-The order comes from the model (`Layout`), so every participant of a run packs and unpacks the same way. Factors may
-travel in fp16; replicas always travel in fp32 (they are few, and averaging them is where precision matters). The
-sender merges its own contribution from the same wire bytes as everyone else, so lossy wire formats never make
-bases diverge.
+A head sends two blobs: the LoRA factors (A, B) of every converted layer, and its replica parameters, each in a
+fixed order that comes from the model (`Layout`), so every participant of a run packs and unpacks the same way.
+Splitting them lets the previous round's factors blob serve as V without the replicas, and lets traffic be
+counted per kind. The sender merges its own contribution from the same wire bytes as everyone else (with fp16 on
+the wire they differ from its live tensors), so lossy wire formats never make bases diverge.
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from torch import Tensor
 
 from lte.lora import LTEModel
 from lte.merge import Factors, HeadContribution
-
-WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -46,38 +43,49 @@ class Layout:
 
 
 @torch.no_grad()
-def pack_head(model: LTEModel, layout: Layout, h: int = 0, wire: str = "fp32") -> list[Tensor]:
-    dtype = WIRE_DTYPES[wire]
+def pack_factors(model: LTEModel, layout: Layout, h: int = 0) -> list[Tensor]:
+    """(A, B) of every converted layer, in layout order, as fp32 on the CPU (the transport picks the wire dtype)."""
     out: list[Tensor] = []
     for n in layout.layers:
         layer = model.layers[n]
-        out += [layer.lora_A[h].detach().to("cpu", dtype).contiguous(), layer.lora_B[h].detach().to("cpu", dtype).contiguous()]
-    reps = dict(model.replica_parameters())
-    out += [reps[n][h].detach().to("cpu", torch.float32).contiguous() for n in layout.replicas]
+        out += [layer.lora_A[h].detach().to("cpu", torch.float32).contiguous(),
+                layer.lora_B[h].detach().to("cpu", torch.float32).contiguous()]
     return out
 
 
-def unpack_head(layout: Layout, tensors: Sequence[Tensor]) -> tuple[dict[str, Factors], dict[str, Tensor]]:
-    """Split a blob back into factors (as fp32) and replicas; a blob of the wrong structure raises ValueError."""
-    if len(tensors) != layout.n_tensors:
-        raise ValueError(f"blob has {len(tensors)} tensors, the run's layout needs {layout.n_tensors}")
+@torch.no_grad()
+def pack_replicas(model: LTEModel, layout: Layout, h: int = 0) -> list[Tensor]:
+    reps = dict(model.replica_parameters())
+    return [reps[n][h].detach().to("cpu", torch.float32).contiguous() for n in layout.replicas]
+
+
+def unpack_factors(layout: Layout, tensors: Sequence[Tensor]) -> dict[str, Factors]:
+    """Factors (as fp32) from a blob; a blob of the wrong structure raises ValueError."""
+    if len(tensors) != 2 * len(layout.layers):
+        raise ValueError(f"factor blob has {len(tensors)} tensors, the run's layout needs {2 * len(layout.layers)}")
     factors: dict[str, Factors] = {}
     for i, (n, (sa, sb)) in enumerate(zip(layout.layers, layout.factor_shapes)):
         a, b = tensors[2 * i], tensors[2 * i + 1]
         if tuple(a.shape) != sa or tuple(b.shape) != sb:
             raise ValueError(f"factors of {n} have shapes {tuple(a.shape)}, {tuple(b.shape)}; expected {sa}, {sb}")
         factors[n] = (a.float(), b.float())
-    replicas = {}
-    for n, shape, t in zip(layout.replicas, layout.replica_shapes, tensors[2 * len(layout.layers):]):
+    return factors
+
+
+def unpack_replicas(layout: Layout, tensors: Sequence[Tensor]) -> dict[str, Tensor]:
+    if len(tensors) != len(layout.replicas):
+        raise ValueError(f"replica blob has {len(tensors)} tensors, the run's layout needs {len(layout.replicas)}")
+    out = {}
+    for n, shape, t in zip(layout.replicas, layout.replica_shapes, tensors):
         if tuple(t.shape) != shape:
             raise ValueError(f"replica {n} has shape {tuple(t.shape)}; expected {shape}")
-        replicas[n] = t.float()
-    return factors, replicas
+        out[n] = t.float()
+    return out
 
 
-def contribution(layout: Layout, head_id: str, samples: float, blob: Sequence[Tensor],
-                 prev_blob: Sequence[Tensor] | None) -> HeadContribution:
-    """A head's merge input from its current blob and the blob it sent at its last merge (None: V is zero)."""
-    factors, replicas = unpack_head(layout, blob)
-    prev = unpack_head(layout, prev_blob)[0] if prev_blob is not None else None
-    return HeadContribution(head_id, samples, factors, replicas, prev)
+def contribution(layout: Layout, head_id: str, samples: float, factors: Sequence[Tensor], replicas: Sequence[Tensor],
+                 prev_factors: Sequence[Tensor] | None) -> HeadContribution:
+    """A head's merge input from its blobs: current factors, replicas, and the factors it sent at its last merge
+    (None: V is zero)."""
+    prev = unpack_factors(layout, prev_factors) if prev_factors is not None else None
+    return HeadContribution(head_id, samples, unpack_factors(layout, factors), unpack_replicas(layout, replicas), prev)

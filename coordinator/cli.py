@@ -1,0 +1,90 @@
+"""`lte-coordinator start`: start a public LTE run and keep its authoritative base."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lte.config import load_spec
+from lte.errors import ConfigError
+from lte.net import NetworkError
+from lte.net.node import install_signal_handlers, use_fork_start_method
+from lte.net.rounds import quiet_hivemind
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lte-coordinator", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="start a run: first DHT node, spec publisher, round commit point")
+    s.add_argument("--config", required=True, help="run spec YAML (see configs/)")
+    s.add_argument("--checkpoint-dir", required=True, type=Path)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public run)")
+    s.add_argument("--port", type=int, default=0, help="DHT/libp2p TCP port (0: any free port)")
+    s.add_argument("--http-port", type=int, help="serve /status.json and /metrics on this port")
+    s.add_argument("--identity", type=Path, help="RSA key file that signs the run's records (created if missing)")
+    s.add_argument("--round-seconds", type=float, default=4.0, help="time between round closes")
+    s.add_argument("--fetch-timeout", type=float, default=20.0, help="deadline for a member's blobs")
+    s.add_argument("--eval-every", type=int, default=1, help="evaluate every K rounds")
+    s.add_argument("--checkpoint-every", type=int, default=5, help="write a checkpoint every K rounds")
+    s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
+    s.add_argument("--max-rounds", type=int, help="stop after this many merged rounds")
+    s.add_argument("--json", action="store_true", help="print one JSON object per round")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    use_fork_start_method()
+    install_signal_handlers()
+    quiet_hivemind()
+    from coordinator.http import StatusServer
+    from coordinator.service import Coordinator, CoordinatorOptions
+
+    coord = server = None
+    try:
+        spec = load_spec(args.config)
+        opts = CoordinatorOptions(checkpoint_dir=args.checkpoint_dir, host=args.host, port=args.port,
+                                  http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
+                                  fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
+                                  checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds)
+        coord = Coordinator(spec, opts)
+        if args.http_port is not None:
+            from prometheus_client import CollectorRegistry
+            server = StatusServer(args.host, args.http_port, coord.status, CollectorRegistry())
+        print(f"run {spec.run} (spec {coord.spec_hash[:12]}) coordinator {coord.peer_id}", flush=True)
+        print("volunteers join with:", flush=True)
+        print(f"lte-peer join --dht {coord.join_addr()}", flush=True)
+        merged = 0
+        while args.max_rounds is None or merged < args.max_rounds:
+            summary = coord.run_round()
+            if summary is None:
+                continue
+            merged += summary["peers"] > 0
+            if args.json:
+                print(json.dumps({"event": "round", **summary}), flush=True)
+            else:
+                acc = summary.get("test_accuracy")
+                loss = summary["mean_loss"]
+                print(f"round {summary['round']:4d}  peers {summary['peers']}  "
+                      f"loss {loss if loss is None else f'{loss:.4f}'}  "
+                      f"test_acc {acc if acc is None else f'{acc:.4f}'}  base {summary['base_hash'][:12]}", flush=True)
+        final = coord.save_checkpoint()
+        coord.finish()
+        print(json.dumps({"event": "done", "checkpoint": str(final), "evaluation": coord.evaluation}) if args.json
+              else f"final checkpoint {final}", flush=True)
+        return 0
+    except (ConfigError, NetworkError, OSError) as err:
+        print(f"lte-coordinator: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            server.close()
+        if coord is not None:
+            coord.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

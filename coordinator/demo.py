@@ -1,0 +1,136 @@
+"""`lte-demo`: a whole LTE run on this machine — one coordinator and N peers as separate processes on 127.0.0.1.
+
+Prints one line per round (peers merged, mean local loss, the coordinator's test accuracy, payload bytes moved)
+and ends with the final accuracy and the checkpoint path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+
+def _reader(name: str, stream: IO[str], out: "queue.Queue[tuple[str, dict | str]]") -> None:
+    for line in stream:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.put((name, json.loads(line)))
+                continue
+            except json.JSONDecodeError:
+                pass
+        out.put((name, line))
+
+
+def _spawn(cmd: list[str], name: str, out: "queue.Queue", log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, bufsize=1,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    threading.Thread(target=_reader, args=(name, proc.stdout, out), daemon=True).start()
+    return proc
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lte-demo", description=__doc__)
+    ap.add_argument("--config", default="configs/digits.yaml")
+    ap.add_argument("--peers", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--round-seconds", type=float, default=2.0)
+    ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.peers < 1 or args.rounds < 1:
+        print("lte-demo: error: --peers and --rounds must be at least 1", file=sys.stderr)
+        return 2
+    if not Path(args.config).is_file():
+        print(f"lte-demo: error: config file {args.config} does not exist", file=sys.stderr)
+        return 2
+    logs = Path(tempfile.mkdtemp(prefix="lte-demo-logs-"))
+    events: queue.Queue = queue.Queue()
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exe = sys.executable
+    t0 = time.monotonic()
+    try:
+        procs.append(_spawn([exe, "-m", "coordinator.cli", "start", "--config", args.config, "--checkpoint-dir",
+                             str(args.checkpoint_dir), "--max-rounds", str(args.rounds), "--round-seconds",
+                             str(args.round_seconds), "--json"], "coordinator", events, logs / "coordinator.log"))
+        join = None
+        while join is None:
+            name, ev = events.get(timeout=max(1.0, args.timeout - (time.monotonic() - t0)))
+            if isinstance(ev, str) and ev.startswith("lte-peer join --dht "):
+                join = ev.split()[-1]
+            if procs[0].poll() is not None:
+                print(f"lte-demo: error: the coordinator exited; see {logs / 'coordinator.log'}", file=sys.stderr)
+                return 1
+        print(f"coordinator up at {join}; starting {args.peers} peers (logs in {logs})", flush=True)
+        for i in range(args.peers):
+            procs.append(_spawn([exe, "-m", "peer.cli", "join", "--dht", join, "--shard", f"{i}/{args.peers}",
+                                 "--name", f"peer{i}", "--threads", "1", "--no-progress", "--json"],
+                                f"peer{i}", events, logs / f"peer{i}.log"))
+        print(f"{'round':>5} {'peers':>5} {'local loss':>10} {'test acc':>8} {'bytes moved':>12}", flush=True)
+        moved, last_coord_bytes, final = {}, 0, None
+        while final is None:
+            if time.monotonic() - t0 > args.timeout:
+                print(f"lte-demo: error: no result within {args.timeout:.0f} s", file=sys.stderr)
+                return 1
+            try:
+                name, ev = events.get(timeout=5.0)
+            except queue.Empty:
+                if procs[0].poll() is not None:
+                    print(f"lte-demo: error: the coordinator exited; see {logs / 'coordinator.log'}", file=sys.stderr)
+                    return 1
+                continue
+            if not isinstance(ev, dict):
+                continue
+            if name != "coordinator" and ev.get("event") == "round":
+                moved[ev["round"]] = moved.get(ev["round"], 0) + sum(ev["bytes_received"].values())
+            elif name == "coordinator" and ev.get("event") == "round":
+                r = ev["round"]
+                coord_bytes = ev["bytes_received"] + ev["bytes_sent"]
+                # Peers report a round just after the coordinator commits it; the previous round is complete.
+                prev = moved.pop(r - 1, 0)
+                acc = ev.get("test_accuracy")
+                loss = ev.get("mean_loss")
+                print(f"{r:>5} {ev['peers']:>5} {loss if loss is None else f'{loss:.4f}':>10} "
+                      f"{'-' if acc is None else f'{acc:.4f}':>8} {coord_bytes - last_coord_bytes + prev:>12,}",
+                      flush=True)
+                last_coord_bytes = coord_bytes
+            elif name == "coordinator" and ev.get("event") == "done":
+                final = ev
+        ev = final.get("evaluation") or {}
+        print(f"final test accuracy {ev.get('test_accuracy', float('nan')):.4f} after round {ev.get('round')}; "
+              f"checkpoint {final['checkpoint']} ({time.monotonic() - t0:.0f} s)", flush=True)
+        for p in procs[1:]:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        return 0
+    except (KeyboardInterrupt, queue.Empty):
+        return 130
+    finally:
+        for p in procs:  # only the processes this demo started, by pid
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

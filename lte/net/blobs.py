@@ -1,0 +1,355 @@
+"""Blob exchange over hivemind P2P: serve the local `BlobStore`, fetch blobs from peers, push blobs to a peer.
+
+Blobs are addressed by content (see `lte.net.blobstore`), so a blob can be fetched from any node that holds
+it and every fetch is verified against its address. A client-mode peer (behind NAT, cannot serve) pushes its
+blob to a reachable node that accepts pushes (the coordinator); that node verifies the hash and then serves
+the blob under the same address.
+
+Wire protocol (handler names are f"{namespace}::BlobServicer.rpc_*", so the class name is part of it):
+- rpc_get_blob: request uid=sha; response stream = one header message (msgpack metadata
+  {"found", "count", "nbytes"}) then one message per chunk of at most `chunk_bytes`.
+- rpc_offer_blob (unary): uid=sha, metadata {"count", "nbytes"} -> {"status": "have" | "send" | "reject"}.
+- rpc_push_blob: request stream = header (uid=sha, metadata {"count", "kind", "round"}) then chunks;
+  response {"status": "ok" | "error", "reason"}.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from contextlib import aclosing
+# typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase recognizes streaming handlers
+# by the typing alias (`hint._name`), and would register them as unary ones otherwise.
+from typing import Any, AsyncIterator
+
+import hivemind
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from lte.net.aio import LoopThread
+from lte.net.blobstore import BlobStore, Wire, decode, digest
+from lte.net.counters import TrafficCounter
+from lte.net.errors import (
+    BlobFetchError,
+    BlobIntegrityError,
+    BlobNotFound,
+    BlobTimeout,
+    NetworkError,
+    one_line,
+)
+from lte.net.procs import forget_at_exit, stop_at_exit
+
+__all__ = ["BlobService", "BlobServicer", "BlobStore", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 2**20
+PeerLike = PeerID | str
+
+
+def _meta(message: Any) -> dict[str, Any]:
+    """Decode a message's msgpack metadata; anything malformed reads as an empty dict."""
+    try:
+        value = MSGPackSerializer.loads(message.metadata) if message is not None and message.metadata else {}
+    except Exception:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _pack(**fields: Any) -> bytes:
+    return MSGPackSerializer.dumps(fields)
+
+
+def _as_peer(peer: PeerLike) -> PeerID:
+    return peer if isinstance(peer, PeerID) else PeerID.from_base58(str(peer))
+
+
+class _Reassembler:
+    """Rebuilds serialized tensors from chunks (the first chunk of each tensor says how many follow)."""
+
+    def __init__(self) -> None:
+        self.parts: list[runtime_pb2.Tensor] = []
+        self._current: list[runtime_pb2.Tensor] = []
+        self._expected = 0
+
+    def add(self, chunk: runtime_pb2.Tensor) -> None:
+        if not self._current:
+            self._expected = max(1, chunk.chunks)
+        self._current.append(chunk)
+        if len(self._current) == self._expected:
+            self.parts.append(combine_from_streaming(self._current))
+            self._current = []
+
+    @property
+    def complete(self) -> bool:
+        return not self._current
+
+
+class BlobServicer(ServicerBase):
+    """RPC handlers serving a BlobStore; runs on the host process's event loop."""
+
+    def __init__(
+        self, store: BlobStore, traffic: TrafficCounter, *, accept_push: bool, max_push_bytes: int, chunk_bytes: int
+    ) -> None:
+        self.store, self.traffic = store, traffic
+        self.accept_push, self.max_push_bytes, self.chunk_bytes = accept_push, max_push_bytes, chunk_bytes
+
+    async def rpc_get_blob(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        blob = self.store.get(request.uid)
+        if blob is None:
+            yield runtime_pb2.ExpertResponse(metadata=_pack(found=False))
+            return
+        yield runtime_pb2.ExpertResponse(metadata=_pack(found=True, count=len(blob.parts), nbytes=blob.nbytes))
+        for part in blob.parts:
+            for chunk in split_for_streaming(part, self.chunk_bytes):
+                # counted before the send so that totals are final when the receiver has everything
+                self.traffic.add_sent(blob.kind, len(chunk.buffer))
+                yield runtime_pb2.ExpertResponse(tensors=[chunk])
+
+    async def rpc_offer_blob(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        if request.uid in self.store:
+            return runtime_pb2.ExpertResponse(metadata=_pack(status="have"))
+        refusal = self._refusal(_meta(request).get("nbytes"))
+        if refusal:
+            return runtime_pb2.ExpertResponse(metadata=_pack(status="reject", reason=refusal))
+        return runtime_pb2.ExpertResponse(metadata=_pack(status="send"))
+
+    async def rpc_push_blob(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        header = await anext(requests, None)
+        meta, sha = _meta(header), header.uid if header is not None else ""
+        kind, round_id, count = meta.get("kind", "push"), meta.get("round"), meta.get("count")
+        refusal = self._refusal(0)
+        if refusal:
+            return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason=refusal))
+        received, total = _Reassembler(), 0
+        async for request in requests:
+            for chunk in request.tensors:
+                total += len(chunk.buffer)
+                self.traffic.add_received(kind, len(chunk.buffer))
+                if total > self.max_push_bytes:
+                    return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="blob too large"))
+                received.add(chunk)
+        if not received.complete or len(received.parts) != count:
+            return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="truncated blob"))
+        if await asyncio.to_thread(digest, received.parts) != sha:
+            return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="hash mismatch"))
+        round_id = round_id if isinstance(round_id, int) else None
+        self.store.put_encoded(received.parts, kind=str(kind), round_id=round_id, sha=sha)
+        return runtime_pb2.ExpertResponse(metadata=_pack(status="ok"))
+
+    def _refusal(self, nbytes: Any) -> str | None:
+        if not self.accept_push:
+            return "this node does not accept pushed blobs"
+        if not isinstance(nbytes, int) or nbytes > self.max_push_bytes:
+            return f"blob size must be an int <= {self.max_push_bytes} bytes"
+        return None
+
+
+async def _daemon_maddr(_dht: hivemind.DHT, node: Any) -> Any:
+    # runs inside the DHT process (via DHT.run_coroutine)
+    return node.p2p.daemon_listen_maddr
+
+
+class BlobService:
+    """Serves this node's blobs and fetches/pushes blobs from/to peers. Synchronous API, thread-safe.
+
+    Owns a private event loop thread and its own replica of the DHT's p2pd connection (not the DHT's cached
+    `replicate_p2p()` replica, which is bound to whichever loop created it first). Close it before the DHT.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        namespace: str = "lte",
+        *,
+        accept_push: bool = False,
+        max_push_bytes: int = 2**31,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        store: BlobStore | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.store = store if store is not None else BlobStore()
+        self.traffic = TrafficCounter()
+        self._chunk_bytes = chunk_bytes
+        self._servicer = BlobServicer(
+            self.store, self.traffic, accept_push=accept_push, max_push_bytes=max_push_bytes, chunk_bytes=chunk_bytes
+        )
+        self._loop = LoopThread(f"blobs-{namespace}")
+        try:
+            self._p2p: P2P = self._loop.run(self._start(dht), timeout=30)
+        except Exception as e:
+            self._loop.close()
+            raise NetworkError(f"cannot start blob service: {one_line(e)}") from e
+        self.peer_id: str = self._p2p.peer_id.to_base58()
+        stop_at_exit(self, BlobService.close)
+
+    async def _start(self, dht: hivemind.DHT) -> P2P:
+        maddr = await asyncio.to_thread(dht.run_coroutine, _daemon_maddr)
+        p2p = await P2P.replicate(maddr)
+        await self._servicer.add_p2p_handlers(p2p, namespace=self.namespace)
+        return p2p
+
+    # --- local blobs ----------------------------------------------------------------------------------
+
+    def put(
+        self, tensors: Sequence[torch.Tensor], *, kind: str, round_id: int | None = None, wire: Wire = "raw"
+    ) -> str:
+        """Store and serve `tensors` in the wire form the sender chooses; returns the blob's sha256 address.
+
+        Use `self.store.tensors(sha)` afterwards for the values receivers will see (they differ with fp16).
+        """
+        return self.store.put(tensors, kind=kind, round_id=round_id, wire=wire)
+
+    # --- remote blobs ---------------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        peer: PeerLike,
+        sha: str,
+        *,
+        kind: str,
+        timeout: float = 60.0,
+        keep: bool = False,
+        round_id: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Download blob `sha` from `peer`, verify it and return its tensors.
+
+        A blob already held locally is returned without any transfer (same address, same bytes). With
+        `keep`, the blob is stored and served afterwards (tagged `round_id` for `drop_rounds_before`).
+        Raises BlobNotFound, BlobIntegrityError, BlobTimeout or BlobFetchError.
+        """
+        return self.fetch_many([(peer, sha)], kind=kind, timeout=timeout, keep=keep, round_id=round_id)[0]
+
+    def fetch_many(
+        self,
+        requests: Sequence[tuple[PeerLike, str]],
+        *,
+        kind: str,
+        timeout: float = 60.0,
+        keep: bool = False,
+        round_id: int | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Fetch several (peer, sha) blobs in parallel, within `timeout` in all; results in request order.
+
+        If any fetch fails, raises a BlobFetchError (a single failure is re-raised as is; several are
+        summarized, with `.failures` = {(peer, sha): error}), because a round cannot use a partial set.
+        """
+        # no backstop timeout here: every transfer has its own, and hashing/decoding cannot hang
+        results = self._loop.run(self._fetch_all(requests, kind, timeout, keep, round_id))
+        failures = {req: res for req, res in zip(requests, results) if isinstance(res, BaseException)}
+        if len(failures) == 1:
+            raise next(iter(failures.values()))
+        if failures:
+            first = next(iter(failures.values()))
+            raise BlobFetchError(f"{len(failures)} of {len(requests)} blob fetches failed, e.g. {first}", failures)
+        return results
+
+    async def _fetch_all(
+        self, requests: Sequence[tuple[PeerLike, str]], kind: str, timeout: float, keep: bool, round_id: int | None
+    ) -> list[Any]:
+        async def one(peer: PeerLike, sha: str) -> list[torch.Tensor]:
+            local = self.store.get(sha)
+            if local is not None:
+                return await asyncio.to_thread(decode, local.parts)
+            try:
+                parts = await asyncio.wait_for(self._download(_as_peer(peer), sha, kind), timeout)
+            except BlobFetchError:
+                raise
+            except asyncio.TimeoutError:
+                raise BlobTimeout(f"blob {sha[:12]} from {peer}: no complete answer within {timeout:.1f} s") from None
+            except Exception as e:
+                raise BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}") from e
+            if await asyncio.to_thread(digest, parts) != sha:
+                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
+            if keep:
+                self.store.put_encoded(parts, kind=kind, round_id=round_id, sha=sha)
+            return await asyncio.to_thread(decode, parts)
+
+        return await asyncio.gather(*(one(peer, sha) for peer, sha in requests), return_exceptions=True)
+
+    async def _download(self, peer: PeerID, sha: str, kind: str) -> list[runtime_pb2.Tensor]:
+        stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
+        stream = await stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha))
+        async with aclosing(stream):
+            header = _meta(await anext(stream, None))
+            if not header.get("found"):
+                raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+            received = _Reassembler()
+            async for message in stream:
+                for chunk in message.tensors:
+                    self.traffic.add_received(kind, len(chunk.buffer))
+                    received.add(chunk)
+        if not received.complete or len(received.parts) != header.get("count"):
+            raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: stream ended early")
+        return received.parts
+
+    def push(self, peer: PeerLike, sha: str, *, timeout: float = 60.0) -> bool:
+        """Upload local blob `sha` to `peer` so that it serves it too (for client-mode peers).
+
+        Returns False when the peer already had it (nothing sent), True after a verified upload.
+        Raises NetworkError if the peer refuses it, or fails or times out; KeyError if `sha` is not local.
+        """
+        blob = self.store.get(sha)
+        if blob is None:
+            raise KeyError(sha)
+        try:
+            return self._loop.run(asyncio.wait_for(self._push(_as_peer(peer), sha, blob), timeout), timeout)
+        except NetworkError:
+            raise
+        except asyncio.TimeoutError:
+            raise NetworkError(f"push of blob {sha[:12]} to {peer}: no answer within {timeout:.1f} s") from None
+        except Exception as e:
+            raise NetworkError(f"push of blob {sha[:12]} to {peer}: {one_line(e)}") from e
+
+    async def _push(self, peer: PeerID, sha: str, blob: Any) -> bool:
+        stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
+        offer = runtime_pb2.ExpertRequest(uid=sha, metadata=_pack(count=len(blob.parts), nbytes=blob.nbytes))
+        answer = _meta(await stub.rpc_offer_blob(offer))
+        if answer.get("status") == "have":
+            return False
+        if answer.get("status") != "send":
+            raise NetworkError(f"{peer} refused blob {sha[:12]}: {answer.get('reason', 'no reason given')}")
+
+        async def upload() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            meta = _pack(count=len(blob.parts), kind=blob.kind, round=blob.round_id)
+            yield runtime_pb2.ExpertRequest(uid=sha, metadata=meta)
+            for part in blob.parts:
+                for chunk in split_for_streaming(part, self._chunk_bytes):
+                    self.traffic.add_sent(blob.kind, len(chunk.buffer))
+                    yield runtime_pb2.ExpertRequest(tensors=[chunk])
+
+        result = _meta(await stub.rpc_push_blob(upload()))
+        if result.get("status") != "ok":
+            raise NetworkError(f"{peer} rejected blob {sha[:12]}: {result.get('reason', 'no reason given')}")
+        return True
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop serving and release the p2pd connection. Idempotent."""
+        forget_at_exit(self)
+        if self._loop.loop.is_closed():
+            return
+        try:
+            self._loop.run(self._stop(), timeout=10)
+        except Exception:
+            pass  # the DHT (and its p2pd) may already be gone
+        self._loop.close()
+
+    async def _stop(self) -> None:
+        try:
+            await asyncio.wait_for(self._servicer.remove_p2p_handlers(self._p2p, namespace=self.namespace), 5)
+        finally:
+            await self._p2p.shutdown()
+
+    def __enter__(self) -> BlobService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

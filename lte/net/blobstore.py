@@ -1,0 +1,131 @@
+"""Content-addressed blobs: ordered lists of tensors, kept in their on-wire (serialized) form.
+
+A blob's address is the sha256 of what goes on the wire: dtype, shape, codec and bytes of every tensor.
+Hashing the wire form, not the original tensors, means that with a lossy wire codec (fp16) every receiver
+checks and decodes the same bytes, so all of them end up with identical tensors. The sender should use
+`BlobStore.tensors(sha)` (the decoded wire form), not its originals, wherever results must match bitwise.
+
+The serialized protobuf as a whole (`SerializeToString`) is not hashed: streaming sets its `chunks` field.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+Wire = Literal["raw", "fp16"]
+
+
+def encode(tensors: Iterable[torch.Tensor], wire: Wire = "raw") -> list[runtime_pb2.Tensor]:
+    """Serialize tensors for the wire; with wire="fp16", float32 tensors travel as float16 (others raw)."""
+    if wire not in ("raw", "fp16"):
+        raise ValueError(f"unknown wire format {wire!r}")
+    parts = []
+    for tensor in tensors:
+        tensor = tensor.detach().cpu()
+        codec = runtime_pb2.CompressionType.NONE
+        if wire == "fp16" and tensor.dtype == torch.float32:
+            codec = runtime_pb2.CompressionType.FLOAT16
+        parts.append(serialize_torch_tensor(tensor, codec))
+    return parts
+
+
+def decode(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    """Tensors back from their wire form (fp16-coded ones come back as float32 holding fp16 values)."""
+    return [deserialize_torch_tensor(part) for part in parts]
+
+
+def digest(parts: Iterable[runtime_pb2.Tensor]) -> str:
+    """Hex sha256 address of serialized tensors: dtype, shape, codec and bytes of each, length-prefixed."""
+    h = hashlib.sha256(b"lte-blob-v1")
+    for part in parts:
+        header = f"{part.dtype}|{','.join(map(str, part.size))}|{int(part.compression)}".encode()
+        h.update(struct.pack("<II", len(header), len(part.buffer)))
+        h.update(header)
+        h.update(part.buffer)
+    return h.hexdigest()
+
+
+def payload_bytes(parts: Iterable[runtime_pb2.Tensor]) -> int:
+    return sum(len(part.buffer) for part in parts)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A stored blob. `round_id` (None = keep until removed) lets the caller drop old rounds in one call."""
+
+    parts: tuple[runtime_pb2.Tensor, ...]
+    kind: str
+    round_id: int | None
+    nbytes: int
+
+
+class BlobStore:
+    """Thread-safe map sha256 -> Blob, shared by the local caller and the RPC handlers serving it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: dict[str, Blob] = {}
+
+    def put(
+        self, tensors: Sequence[torch.Tensor], *, kind: str, round_id: int | None = None, wire: Wire = "raw"
+    ) -> str:
+        """Store tensors in the given wire form and return their address."""
+        return self.put_encoded(encode(tensors, wire), kind=kind, round_id=round_id)
+
+    def put_encoded(
+        self, parts: Sequence[runtime_pb2.Tensor], *, kind: str, round_id: int | None = None, sha: str | None = None
+    ) -> str:
+        """Store already serialized tensors (`sha` skips rehashing when the caller has just verified it)."""
+        sha = sha or digest(parts)
+        blob = Blob(tuple(parts), kind, round_id, payload_bytes(parts))
+        with self._lock:
+            old = self._blobs.get(sha)
+            if old is not None and (old.round_id is None or (round_id is not None and old.round_id >= round_id)):
+                return sha  # keep the longer-lived entry
+            self._blobs[sha] = blob
+        return sha
+
+    def get(self, sha: str) -> Blob | None:
+        with self._lock:
+            return self._blobs.get(sha)
+
+    def tensors(self, sha: str) -> list[torch.Tensor]:
+        """The blob's tensors exactly as every receiver decodes them. KeyError if absent."""
+        blob = self.get(sha)
+        if blob is None:
+            raise KeyError(sha)
+        return decode(blob.parts)
+
+    def __contains__(self, sha: object) -> bool:
+        with self._lock:
+            return sha in self._blobs
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._blobs)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes held, for memory monitoring."""
+        with self._lock:
+            return sum(blob.nbytes for blob in self._blobs.values())
+
+    def remove(self, sha: str) -> bool:
+        with self._lock:
+            return self._blobs.pop(sha, None) is not None
+
+    def drop_rounds_before(self, round_id: int) -> int:
+        """Forget blobs tagged with a round older than `round_id`; returns how many were dropped."""
+        with self._lock:
+            old = [sha for sha, blob in self._blobs.items() if blob.round_id is not None and blob.round_id < round_id]
+            for sha in old:
+                del self._blobs[sha]
+        return len(old)

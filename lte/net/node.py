@@ -1,0 +1,152 @@
+"""Starting and stopping this application's hivemind DHT node.
+
+`start_dht` adds what hivemind leaves to the caller: addresses are checked before any process starts, a
+failed or slow start raises `NetworkError` within `startup_timeout + BOOTSTRAP_MARGIN_S` seconds and leaves
+no DHT or p2pd process behind, and the node dies with its parent instead of lingering as an orphan.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from lte.net.errors import NetworkError, one_line
+from lte.net.procs import (
+    forget_at_exit,
+    install_signal_handlers,
+    kill_process_group,
+    prepare_hivemind_child,
+    stop_at_exit,
+    use_fork_start_method,
+)
+from lte.net.records import default_validators
+
+__all__ = [
+    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "shutdown_dht", "start_dht", "use_fork_start_method",
+    "visible_maddrs",
+]
+
+# Time allowed on top of p2pd's startup_timeout for the DHT to ping its initial peers (hivemind's
+# wait_timeout is 3 s) and for the child process to report back.
+BOOTSTRAP_MARGIN_S = 10.0
+# How long a DHT process gets to exit on its own before it is killed.
+EXIT_GRACE_S = 3.0
+
+
+class _AppDHT(hivemind.DHT):
+    """hivemind's DHT whose process leads its own process group (shared with its p2pd) and dies with its parent."""
+
+    def run(self) -> None:
+        prepare_hivemind_child(own_process_group=True)
+        super().run()
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    identity_path: str | None = None,
+    client_mode: bool = False,
+    announce_maddrs: Sequence[str] | None = None,
+    validators: Sequence[RecordValidatorBase] | None = None,
+    startup_timeout: float = 15.0,
+    **dht_kwargs: Any,
+) -> hivemind.DHT:
+    """Start a DHT node listening on `host:port` (port 0 = any) and join the swarm through `initial_peers`.
+
+    `initial_peers` are full multiaddrs with `/p2p/<peer id>` (what `visible_maddrs` prints); none starts a
+    new swarm. `identity_path` keeps the peer id stable across restarts (the file is created if missing).
+    `client_mode` is for peers that cannot accept connections (NAT). `validators` default to
+    `default_validators()`; every node of a run must use the same ones. Extra keyword arguments go to
+    `hivemind.DHT` (e.g. `use_auto_relay=True`).
+
+    Raises NetworkError, with a one-line reason, on a malformed address or when the node cannot start or
+    reach any initial peer. Stop the node with `shutdown_dht`.
+    """
+    peers = [_parse_peer_maddr(item) for item in initial_peers]
+    announce = [_parse_maddr(item, "announce address") for item in announce_maddrs or ()]
+    dht = _AppDHT(
+        initial_peers=peers or None,
+        start=False,
+        host_maddrs=[_host_maddr(host, port)],
+        announce_maddrs=announce or None,
+        identity_path=identity_path,
+        client_mode=client_mode,
+        record_validators=list(validators) if validators is not None else default_validators(),
+        startup_timeout=startup_timeout,
+        **dht_kwargs,
+    )
+    try:
+        dht.run_in_background(await_ready=True, timeout=startup_timeout + BOOTSTRAP_MARGIN_S)
+    except Exception as e:
+        _force_stop(dht)
+        how = f" via {', '.join(peers)}" if peers else ""
+        if isinstance(e, TimeoutError):
+            reason = f"not ready within {startup_timeout + BOOTSTRAP_MARGIN_S:.0f} s"
+        else:
+            reason = one_line(e)
+        raise NetworkError(f"cannot start DHT node{how}: {reason}") from e
+    except BaseException:
+        _force_stop(dht)
+        raise
+    stop_at_exit(dht, shutdown_dht)
+    return dht
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Addresses other nodes can use to join through `dht` (each ends with /p2p/<peer id>; pass as --dht)."""
+    peer = dht.peer_id.to_base58()
+    addrs = [str(item) for item in dht.get_visible_maddrs()]
+    return [addr if "/p2p/" in addr else f"{addr}/p2p/{peer}" for addr in addrs]
+
+
+def shutdown_dht(dht: hivemind.DHT) -> None:
+    """Stop `dht` and its p2pd for sure (hivemind's own shutdown gives up after a grace period)."""
+    forget_at_exit(dht)
+    if dht.is_alive():
+        dht.shutdown()
+    _force_stop(dht)
+
+
+def _force_stop(dht: hivemind.DHT) -> None:
+    if dht.pid is None:  # never started
+        return
+    # Give the child time to end by itself first: a child killed while it reports to its parent can die
+    # holding hivemind's global MPFuture lock (shared by every hivemind process forked from this one), and
+    # then every later DHT or averager start in this program hangs.
+    dht.join(EXIT_GRACE_S)
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(EXIT_GRACE_S)
+    kill_process_group(dht.pid)  # its p2pd, or the temporary p2pd hivemind starts to check identity_path
+
+
+def _parse_maddr(text: str, what: str) -> str:
+    try:
+        return str(Multiaddr(str(text)))
+    except Exception as e:
+        raise NetworkError(f"malformed {what} {text!r}: {one_line(e)}") from e
+
+
+def _parse_peer_maddr(text: str) -> str:
+    addr = _parse_maddr(text, "peer address")
+    try:
+        PeerID.from_base58(Multiaddr(addr)["p2p"])
+    except Exception as e:
+        raise NetworkError(f"peer address {text!r} must end with /p2p/<peer id>: {one_line(e)}") from e
+    return addr
+
+
+def _host_maddr(host: str, port: int) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as e:
+        raise NetworkError(f"host must be an IPv4 or IPv6 address, got {host!r}") from e
+    if not 0 <= port <= 65535:
+        raise NetworkError(f"port must be in 0..65535, got {port}")
+    return f"/ip{ip.version}/{ip}/tcp/{port}"

@@ -1,0 +1,88 @@
+"""`lte-peer join`: volunteer a machine to an LTE run."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from lte.errors import ConfigError
+from lte.net import NetworkError
+from lte.net.node import install_signal_handlers, use_fork_start_method
+from lte.net.rounds import quiet_hivemind
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lte-peer", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("join", help="train a LoRA head and take part in the run's merge rounds")
+    j.add_argument("--dht", required=True, help="the coordinator's multiaddr, as printed by lte-coordinator")
+    j.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10"], help="override the run's data set")
+    j.add_argument("--data", help="path to your own data (ImageFolder, or CIFAR-10 files with --dataset cifar10)")
+    j.add_argument("--shard", type=_shard, default=(0, 1), help="train on shard I of N (default 0/1)")
+    j.add_argument("--batch-size", type=int, help="local batch (default: the run's batch / heads)")
+    j.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    j.add_argument("--name", help="a display name for logs")
+    j.add_argument("--max-rounds", type=int, help="leave after this many merged rounds")
+    j.add_argument("--client-mode", action="store_true", help="behind NAT: accept no incoming connections")
+    j.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs of a port-forwarded host")
+    j.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    j.add_argument("--port", type=int, default=0)
+    j.add_argument("--identity", help="file that keeps this peer's id stable (created if missing)")
+    j.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    j.add_argument("--no-progress", action="store_true")
+    j.add_argument("--json", action="store_true", help="print one JSON object per event")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    use_fork_start_method()
+    install_signal_handlers()
+    quiet_hivemind()
+    from peer.service import Peer, PeerOptions
+
+    name = args.name or "peer"
+
+    def log(event: dict) -> None:
+        if args.json:
+            print(json.dumps({"name": name, **event}), flush=True)
+        elif event["event"] == "round":
+            print(f"[{name}] round {event['round']:4d}  peers {event['peers']}  loss {event['loss']:.4f}  "
+                  f"base {event['base_hash'][:12]}  received {sum(event['bytes_received'].values())} B", flush=True)
+        else:
+            print(f"[{name}] {event['event']} at round {event.get('round')}", flush=True)
+
+    peer = None
+    try:
+        if args.batch_size is not None and args.batch_size <= 0:
+            raise ConfigError("--batch-size must be positive")
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        opts = PeerOptions(dht=args.dht, dataset=args.dataset, data=args.data, shard=args.shard,
+                           batch_size=args.batch_size, device=args.device, name=args.name, max_rounds=args.max_rounds,
+                           client_mode=args.client_mode, announce_maddrs=tuple(args.announce_maddrs),
+                           identity=args.identity, host=args.host, port=args.port, progress=not args.no_progress)
+        peer = Peer(opts, log)
+        peer.run_forever()
+        return 0
+    except (ConfigError, NetworkError) as err:
+        print(f"lte-peer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if peer is not None:
+            peer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""A training participant: trains its own LoRA head on its shard and takes part in every round it can.
+
+Between rounds it trains T steps. In round k it announces its blobs, joins the membership agreement, waits for
+the coordinator's signed commit, merges exactly the committed members (fetching their blobs from them, or from
+the coordinator), and checks that its base hash equals the committed one. Whenever it falls behind or its hash
+differs, it downloads the current base from the coordinator and drops its unmerged progress.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from hivemind.utils import get_dht_time
+
+import lte
+from lte.checkpoint import state_hash
+from lte.config import RunSpec, spec_from_dict
+from lte.data import load_datasets, shard
+from lte.errors import ConfigError
+from lte.merge import apply_update
+from lte.models import create_base_model
+from lte.net import GroupNotFound, NetworkError
+from lte.net.blobs import BlobService
+from lte.net.membership import Membership
+from lte.net.node import shutdown_dht, start_dht
+from lte.net.records import publish_base_hash, read_signed, read_signed_all
+from lte.net.rounds import (BASE, FACTORS, PREV_FACTORS, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors,
+                            base_key, commit_key, fetch_contributions, merge_round, run_prefix, spec_key)
+from lte.train import HeadTrainer
+from lte.wire import Layout, pack_factors, pack_replicas, unpack_factors
+
+
+RETRY_S = 60.0
+
+
+class RunFinished(Exception):
+    """The coordinator has ended the run."""
+
+
+@dataclass
+class PeerOptions:
+    dht: str
+    dataset: str | None = None
+    data: str | None = None
+    shard: tuple[int, int] = (0, 1)
+    batch_size: int | None = None
+    device: str = "cpu"
+    name: str | None = None
+    max_rounds: int | None = None
+    client_mode: bool = False
+    announce_maddrs: tuple[str, ...] = ()
+    identity: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    progress: bool = True
+    join_timeout: float = 30.0
+
+
+class Peer:
+    def __init__(self, opts: PeerOptions, log: Callable[[dict[str, Any]], None]):
+        self.opts, self.log = opts, log
+        self.dht = self.blobs = self.members = None
+        try:
+            self.dht = start_dht([opts.dht], host=opts.host, port=opts.port, client_mode=opts.client_mode,
+                                 announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity)
+            self.peer_id = self.dht.peer_id.to_base58()
+            self.coordinator = opts.dht.rsplit("/p2p/", 1)[-1]
+            self.owner, record = self._find_run()
+            self.spec: RunSpec = self._check_spec(record)
+            self.run = self.spec.run
+            self.wire = record.get("wire", "raw")
+            self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
+            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
+            self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=opts.client_mode)
+            train_set = load_datasets(self._data_spec(), self.spec.seed)[0]
+            idx, count = opts.shard
+            batch = opts.batch_size or self.spec.data.batch_size // self.spec.lte.heads
+            self.trainer = HeadTrainer(self.spec, create_base_model(self.spec.model), self.peer_id,
+                                       shard(train_set, idx, count, self.spec.seed), batch, opts.device)
+            self.layout = Layout.of(self.trainer.model)
+            self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
+            self.resync()
+        except BaseException:
+            self.close()  # a half-started node must not leave DHT or p2pd processes behind
+            raise
+
+    # ----- joining ------------------------------------------------------------------------------------------
+    def _find_run(self) -> tuple[bytes, dict[str, Any]]:
+        """The run record signed by the coordinator we were pointed at (its peer id is in the --dht address)."""
+        deadline = time.monotonic() + self.opts.join_timeout
+        while True:
+            found = [r for r in read_signed_all(self.dht, spec_key(self.coordinator)).values()
+                     if isinstance(r.value, dict) and r.value.get("coordinator") == self.coordinator]
+            if len(found) > 1:
+                raise NetworkError(f"several signed records claim coordinator {self.coordinator}: refusing to guess")
+            if found:
+                return found[0].owner, found[0].value
+            if time.monotonic() > deadline:
+                raise NetworkError(f"no run record from coordinator {self.coordinator} within {self.opts.join_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def _check_spec(self, record: dict[str, Any]) -> RunSpec:
+        if record.get("protocol") != PROTOCOL_VERSION:
+            raise ConfigError(f"run speaks protocol {record.get('protocol')}, this lte-peer speaks {PROTOCOL_VERSION}: "
+                              "upgrade lte-network")
+        if str(record.get("version", "")).split(".")[:2] != lte.__version__.split(".")[:2]:
+            raise ConfigError(f"run needs lte-network {record.get('version')}, this is {lte.__version__}")
+        spec = spec_from_dict(record.get("spec", {}), "run spec")
+        if spec.spec_hash() != record.get("spec_hash"):
+            raise ConfigError("run spec does not match its published hash: refusing it")
+        if self.opts.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
+        return spec
+
+    def _data_spec(self):
+        upd: dict[str, Any] = {}
+        if self.opts.data:
+            upd = {"dataset": self.opts.dataset or "imagefolder", "path": self.opts.data}
+        elif self.opts.dataset:
+            upd = {"dataset": self.opts.dataset}
+        return self.spec.data.model_copy(update=upd)
+
+    # ----- base sync ----------------------------------------------------------------------------------------
+    def _base_record(self) -> dict[str, Any]:
+        rec = read_signed(self.dht, base_key(self.run), self.owner)
+        if rec is None or not isinstance(rec.value, dict):
+            raise NetworkError("the coordinator's base record is not readable")
+        return rec.value
+
+    def _put_own_factors(self, round_id: int) -> tuple[str, dict]:
+        sha = self.blobs.put(pack_factors(self.trainer.model, self.layout), kind=FACTORS, round_id=round_id,
+                             wire=self.wire)
+        return sha, unpack_factors(self.layout, self.blobs.store.tensors(sha))
+
+    def resync(self) -> None:
+        """Download the current base from the coordinator; unmerged progress is dropped."""
+        rec = self._base_record()
+        tensors = self.blobs.fetch(self.coordinator, rec["blob"], kind=BASE, timeout=max(60.0, self.fetch_timeout))
+        state = base_from_tensors(self.trainer.model.state_keys, tensors)
+        if state_hash(state) != rec["hash"]:
+            raise NetworkError("downloaded base does not match the coordinator's signed hash")
+        self._set_base(state, int(rec["round"]), None)
+        self.log({"event": "resync", "round": self.round, "base_hash": rec["hash"]})
+
+    def _set_base(self, state, round_id: int, sent_sha: str | None) -> None:
+        """Adopt a base. V becomes the factors in blob `sent_sha` (just merged), or a fresh blob of the live ones."""
+        model = self.trainer.model
+        if self.spec.lte.reset:
+            model.load_base(state)
+            self.prev_sha = ""
+        else:
+            if sent_sha is None:
+                if all(torch.count_nonzero(l.lora_B) == 0 for l in model.layers.values()):
+                    sent_sha, sent = "", None  # V = B A = 0: nothing to send
+                else:
+                    sent_sha, sent = self._put_own_factors(round_id)
+            else:
+                sent = unpack_factors(self.layout, self.blobs.store.tensors(sent_sha))
+            model.load_base(state, sent)
+            self.prev_sha = sent_sha
+        self.round, self.samples, self.losses = round_id, 0, []
+
+    # ----- rounds -------------------------------------------------------------------------------------------
+    def train_round(self) -> None:
+        t0 = time.perf_counter()
+        n, loss = self.trainer.train_steps(self.spec.lte.merge_every, self.opts.progress, f"round {self.round}")
+        self.train_seconds = time.perf_counter() - t0
+        self.samples += n
+        self.losses.append(loss)
+
+    def join_round(self) -> bool:
+        """Take part in round `self.round`. Returns True when it merged, False when it had to resync."""
+        k = self.round
+        rec = self._base_record()
+        if rec.get("finished"):
+            raise RunFinished()
+        if int(rec["round"]) != k:
+            self.resync()
+            return False
+        f_sha, _ = self._put_own_factors(k)
+        r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
+        if self.opts.client_mode:  # nobody can reach us: the coordinator serves our blobs
+            for sha in filter(None, (f_sha, r_sha, self.prev_sha)):
+                self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
+        mean_loss = sum(self.losses) / max(1, len(self.losses))
+        digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
+                        spec=self.spec.spec_hash(), client=self.opts.client_mode).to_dict()
+        close = float(rec["close"])
+        now = get_dht_time()
+        try:
+            gathered = self.members.agree(k, digest, deadline_s=max(1.0, close - now) + 3.0,
+                                          scheduled_time=max(close, now + 0.5))
+        except GroupNotFound:
+            self.resync()
+            return False
+        if self.coordinator not in gathered:
+            self.resync()
+            return False
+        commit = self._wait_commit(k)
+        if commit is None:
+            self.resync()
+            return False
+        members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
+        sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
+        before = dict(self.blobs.traffic.received)
+        contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout)
+        update = merge_round(contributions, self.spec.lte.scale) if contributions else None
+        model = self.trainer.model
+        state = model.base_state_dict()
+        if update is not None:
+            apply_update(state, update)
+        self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
+        h = state_hash(model.base_state_dict())
+        if h != commit["hash"]:
+            self.log({"event": "hash_mismatch", "round": k + 1, "ours": h, "committed": commit["hash"]})
+            self.resync()
+            return False
+        publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h)
+        received = {kind: v - before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
+        self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
+                  "loss": mean_loss, "base_hash": h, "bytes_received": received,
+                  "bytes_sent_total": dict(self.blobs.traffic.sent)})
+        self.blobs.store.drop_rounds_before(k - 1)
+        return True
+
+    def _wait_commit(self, k: int) -> dict[str, Any] | None:
+        deadline = time.monotonic() + self.fetch_timeout + 10.0
+        while time.monotonic() < deadline:
+            rec = read_signed(self.dht, commit_key(self.run, k), self.owner)
+            if rec is not None and isinstance(rec.value, dict) and rec.value.get("round") == k:
+                return rec.value
+            time.sleep(0.2)
+        return None
+
+    def run_forever(self) -> None:
+        """Train and merge until --max-rounds, or the coordinator ends the run. Transient network failures (the
+        coordinator restarting, a lost connection) are retried for `RETRY_S` before the peer gives up."""
+        merged, failing_since = 0, None
+        while self.opts.max_rounds is None or merged < self.opts.max_rounds:
+            try:
+                self.train_round()
+                merged += self.join_round()
+                failing_since = None
+            except RunFinished:
+                self.log({"event": "finished", "round": self.round})
+                return
+            except NetworkError as err:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > RETRY_S:
+                    raise
+                self.log({"event": "retry", "round": self.round, "error": str(err)})
+                time.sleep(2.0)
+                try:
+                    self.resync()
+                except NetworkError:
+                    pass
+
+    def close(self) -> None:
+        for part in (self.members, self.blobs):
+            if part is not None:
+                try:
+                    (part.shutdown if hasattr(part, "shutdown") else part.close)()
+                except Exception:
+                    pass
+        if self.dht is not None:
+            shutdown_dht(self.dht)

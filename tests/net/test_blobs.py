@@ -1,0 +1,190 @@
+"""Content-addressed blob exchange between three real nodes (two servers, one client-mode)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lte.net import BlobFetchError, BlobIntegrityError, BlobNotFound, BlobTimeout, NetworkError
+from lte.net.blobs import BlobService
+from lte.net.blobstore import BlobStore, decode, digest, encode
+from lte.net.counters import MAX_KINDS, OTHER_KIND, TrafficCounter
+from lte.net.node import shutdown_dht, start_dht, visible_maddrs
+
+
+@pytest.fixture(scope="module")
+def trio():
+    """hub (accepts pushes, like the coordinator), server, and client (client mode, cannot serve)."""
+    dhts, services = [], []
+    try:
+        dhts.append(start_dht([]))
+        addrs = visible_maddrs(dhts[0])
+        dhts.append(start_dht(addrs))
+        dhts.append(start_dht(addrs, client_mode=True))
+        services.append(BlobService(dhts[0], "test", accept_push=True, max_push_bytes=64 * 2**20))
+        services.append(BlobService(dhts[1], "test"))
+        services.append(BlobService(dhts[2], "test"))
+        yield SimpleNamespace(hub=services[0], server=services[1], client=services[2])
+    finally:
+        for service in services:
+            service.close()
+        for dht in reversed(dhts):
+            shutdown_dht(dht)
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(384, 1024, generator=g),  # 1.5 MiB: two chunks
+        torch.randn(1024, 8, generator=g, dtype=torch.float64),
+        torch.arange(17),
+        torch.zeros(0),
+    ]
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- content addressing (no network) -------------------------------------------------------------------
+
+
+def test_digest_covers_dtype_shape_codec_and_bytes():
+    base = [torch.arange(6, dtype=torch.float32)]
+    variants = [
+        [torch.arange(6, dtype=torch.float64)],
+        [torch.arange(6, dtype=torch.float32).reshape(2, 3)],
+        [torch.arange(6, dtype=torch.float32) + 1],
+        [torch.arange(3, dtype=torch.float32), torch.arange(3, 6, dtype=torch.float32)],
+    ]
+    shas = {digest(encode(base)), digest(encode(base, "fp16"))} | {digest(encode(v)) for v in variants}
+    assert len(shas) == 2 + len(variants)
+    assert digest(encode(base)) == digest(encode([t.clone() for t in base]))
+
+
+def test_store_rounds_and_removal():
+    store = BlobStore()
+    old = store.put([torch.ones(4)], kind="factors", round_id=3)
+    new = store.put([torch.ones(5)], kind="factors", round_id=4)
+    keep = store.put([torch.ones(6)], kind="base")
+    assert store.nbytes == 4 * (4 + 5 + 6)
+    assert store.drop_rounds_before(4) == 1 and old not in store and new in store and keep in store
+    assert store.remove(new) and not store.remove(new) and len(store) == 1
+    with pytest.raises(KeyError):
+        store.tensors(new)
+
+
+def test_counter_labels_are_bounded():
+    counter = TrafficCounter()
+    counter.add_sent("factors", 10)
+    counter.add_received("bad label!", 5)
+    for i in range(MAX_KINDS + 5):
+        counter.add_received(f"k{i}", 1)
+    snap = counter.snapshot()
+    assert snap["sent"] == {"factors": 10}
+    assert len(snap["received"]) <= MAX_KINDS + 1 and snap["received"][OTHER_KIND] >= 5
+
+
+# --- network ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_fetch_verifies_and_counts_bytes(trio):
+    tensors = _tensors(1)
+    sha = trio.server.put(tensors, kind="t_fetch", round_id=1)
+    got = trio.hub.fetch(trio.server.peer_id, sha, kind="t_fetch", timeout=30)
+    assert _equal(got, tensors)
+    payload = trio.server.store.get(sha).nbytes
+    assert trio.server.traffic.sent["t_fetch"] == trio.hub.traffic.received["t_fetch"] == payload
+    # the client-mode node can fetch too (outgoing connections work behind NAT)
+    assert _equal(trio.client.fetch(trio.server.peer_id, sha, kind="t_fetch", timeout=30), tensors)
+    assert trio.server.traffic.sent["t_fetch"] == 2 * payload
+    # a blob already held is returned locally, with no transfer
+    assert _equal(trio.server.fetch(trio.hub.peer_id, sha, kind="t_fetch"), tensors)
+    assert trio.server.traffic.received.get("t_fetch", 0) == 0
+
+
+@pytest.mark.timeout(120)
+def test_missing_tampered_and_slow_blobs_fail_clearly(trio):
+    tensors = _tensors(2)
+    honest = encode(tensors)
+    sha = digest(honest)
+    with pytest.raises(BlobNotFound, match="not found"):
+        trio.hub.fetch(trio.server.peer_id, sha, kind="t_bad", timeout=30)
+
+    tampered = encode(tensors)
+    tampered[0].buffer = b"\x00" * len(tampered[0].buffer)
+    trio.server.store.put_encoded(tampered, kind="t_bad", sha=sha)  # a faulty node serving junk under sha
+    with pytest.raises(BlobIntegrityError, match="does not match"):
+        trio.hub.fetch(trio.server.peer_id, sha, kind="t_bad", timeout=30)
+    assert sha not in trio.hub.store
+
+    big = trio.server.put([torch.zeros(16, 2**20)], kind="t_bad")  # 64 MiB cannot arrive in 50 ms
+    with pytest.raises(BlobTimeout):
+        trio.hub.fetch(trio.server.peer_id, big, kind="t_bad", timeout=0.05)
+    trio.server.store.remove(big)
+
+    with pytest.raises(BlobFetchError):
+        trio.hub.fetch("12D3KooWGVZNt2KADqwdXszs28QSjFJszsRDFkgQdV1iJ9q1NAqp", sha, kind="t_bad", timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_fetch_many_in_parallel(trio):
+    a = trio.server.put(_tensors(3), kind="t_many")
+    b = trio.hub.put(_tensors(4), kind="t_many")
+    got = trio.client.fetch_many([(trio.server.peer_id, a), (trio.hub.peer_id, b)], kind="t_many", timeout=30)
+    assert _equal(got[0], _tensors(3)) and _equal(got[1], _tensors(4))
+
+    missing = "f" * 64
+    with pytest.raises(BlobFetchError) as info:
+        trio.client.fetch_many(
+            [(trio.server.peer_id, missing), (trio.hub.peer_id, missing), (trio.hub.peer_id, b)],
+            kind="t_many",
+            timeout=30,
+        )
+    assert "2 of 3" in str(info.value) and len(info.value.failures) == 2
+
+
+@pytest.mark.timeout(120)
+def test_push_from_client_mode_then_served_to_third_node(trio):
+    tensors = _tensors(5)
+    sha = trio.client.put(tensors, kind="t_push", round_id=9)
+    assert trio.client.push(trio.hub.peer_id, sha, timeout=30) is True
+    assert trio.client.push(trio.hub.peer_id, sha, timeout=30) is False  # already there: nothing sent
+    payload = trio.client.store.get(sha).nbytes
+    assert trio.client.traffic.sent["t_push"] == trio.hub.traffic.received["t_push"] == payload
+    assert trio.hub.store.get(sha).round_id == 9
+
+    assert _equal(trio.server.fetch(trio.hub.peer_id, sha, kind="t_push", timeout=30), tensors)
+    with pytest.raises(NetworkError, match="does not accept"):
+        trio.client.push(trio.server.peer_id, sha, timeout=30)
+    with pytest.raises(KeyError):
+        trio.client.push(trio.hub.peer_id, "0" * 64)
+
+
+@pytest.mark.timeout(120)
+def test_fp16_wire_is_chosen_by_sender_and_identical_for_all(trio):
+    tensors = _tensors(6)
+    raw_sha = trio.server.put(tensors, kind="t_raw")
+    sha = trio.server.put(tensors, kind="t_fp16", wire="fp16")
+    assert sha != raw_sha
+    assert trio.server.store.get(sha).nbytes < 0.6 * trio.server.store.get(raw_sha).nbytes
+    sender_view = trio.server.store.tensors(sha)  # what the sender must merge with
+    from_hub = trio.hub.fetch(trio.server.peer_id, sha, kind="t_fp16", timeout=30, keep=True)
+    from_client = trio.client.fetch(trio.hub.peer_id, sha, kind="t_fp16", timeout=30)  # served on by the hub
+    assert _equal(from_hub, sender_view) and _equal(from_client, sender_view)
+    assert from_hub[0].dtype == torch.float32 and not torch.equal(from_hub[0], tensors[0])
+    assert torch.allclose(from_hub[0], tensors[0], rtol=1e-3, atol=1e-3)
+    assert _equal(from_hub[1:], tensors[1:])  # only float32 travels as fp16
+    assert trio.server.traffic.sent["t_fp16"] == trio.hub.traffic.received["t_fp16"]
+
+
+@pytest.mark.timeout(120)
+def test_dropped_round_is_no_longer_served(trio):
+    sha = trio.server.put(_tensors(7), kind="t_gc", round_id=1000)
+    later = trio.server.put(_tensors(8), kind="t_gc", round_id=1001)
+    assert trio.server.store.drop_rounds_before(1001) >= 1
+    with pytest.raises(BlobNotFound):
+        trio.hub.fetch(trio.server.peer_id, sha, kind="t_gc", timeout=30)
+    assert _equal(trio.hub.fetch(trio.server.peer_id, later, kind="t_gc", timeout=30), decode(encode(_tensors(8))))
