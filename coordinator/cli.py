@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--checkpoint-every", type=int, default=5, help="write a checkpoint every K rounds")
     s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
     s.add_argument("--max-rounds", type=int, help="stop after this many merged rounds")
+    s.add_argument("--min-peers", type=int, default=1, help="merge a round only when at least this many peers join")
     s.add_argument("--json", action="store_true", help="print one JSON object per round")
     return ap.parse_args(argv)
 
@@ -47,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         opts = CoordinatorOptions(checkpoint_dir=args.checkpoint_dir, host=args.host, port=args.port,
                                   http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
                                   fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
-                                  checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds)
+                                  checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds,
+                                  min_peers=args.min_peers)
         coord = Coordinator(spec, opts)
         if args.http_port is not None:
-            from prometheus_client import CollectorRegistry
-            server = StatusServer(args.host, args.http_port, coord.status, CollectorRegistry())
+            from coordinator.metrics import coordinator_registry
+            server = StatusServer(args.host, args.http_port, coord.status, coordinator_registry(coord))
+            print(f"status: http://{args.host}:{server.port}/status.json  metrics: http://{args.host}:{server.port}/metrics",
+                  flush=True)
         print(f"run {spec.run} (spec {coord.spec_hash[:12]}) coordinator {coord.peer_id}", flush=True)
         print("volunteers join with:", flush=True)
         print(f"lte-peer join --dht {coord.join_addr()}", flush=True)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import lte
 from lte.checkpoint import state_bytes, state_hash
 from lte.config import RunSpec
 from lte.data import load_datasets
-from lte.errors import ConfigError
 from lte.lora import prepare_model
 from lte.merge import apply_update
 from lte.models import create_base_model
@@ -28,8 +28,8 @@ from lte.net import GroupNotFound
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht, visible_maddrs
-from lte.net.records import default_validators, fingerprint, load_or_create_private_key, owner_tag, publish_signed
-from lte.net.records import publish_base_hash
+from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
+                              publish_base_hash, publish_signed)
 from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, base_key, base_to_tensors, commit_key,
                             fetch_contributions, merge_round, run_prefix, spec_key)
 from lte.train import evaluate
@@ -49,6 +49,7 @@ class CoordinatorOptions:
     checkpoint_every: int = 5
     wire: str = "raw"
     max_rounds: int | None = None
+    min_peers: int = 1
 
 
 @dataclass
@@ -73,10 +74,12 @@ class Coordinator:
         self.test_set = load_datasets(spec.data, spec.seed)[1]
         self.round = 0
         self.base_hash = state_hash(self.base)
+        self.evaluate()  # round 0 too, so a run's curve starts at the untrained model
         self.peers: dict[str, PeerStats] = {}
         self.evaluation: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self.finished = False
+        self.checkpoints_saved = 0
         self.dht = self.blobs = self.members = None
         try:
             self.dht = start_dht([], host=opts.host, port=opts.port, identity_path=str(opts.checkpoint_dir / "p2p.id"),
@@ -106,7 +109,7 @@ class Coordinator:
         sha = self.blobs.put(base_to_tensors(self.base), kind=BASE, round_id=self.round)
         publish_signed(self.dht, base_key(self.run), {
             "round": self.round, "hash": self.base_hash, "blob": sha, "close": self.next_close,
-            "finished": self.finished,
+            "finished": self.finished, "min_size": self.opts.min_peers + 1,
         }, self.owner, ttl=3600)
 
     # ----- one round ----------------------------------------------------------------------------------------
@@ -116,6 +119,7 @@ class Coordinator:
         me = Digest(coordinator=True, spec=self.spec_hash).to_dict()
         try:
             gathered = self.members.agree(k, me, deadline_s=max(1.0, close - get_dht_time()) + 2.0,
+                                          min_size=self.opts.min_peers + 1,
                                           scheduled_time=max(close, get_dht_time() + 0.5))
         except GroupNotFound:
             self.next_close = get_dht_time() + self.opts.round_seconds
@@ -181,13 +185,13 @@ class Coordinator:
             "run": self.run, "round": self.round, "base_hash": self.base_hash, "spec_hash": self.spec_hash,
             "spec": self.spec.model_dump(mode="json"), "evaluation": self.evaluation, "created": time.time()}, indent=1))
         if d.exists():
-            import shutil
             shutil.rmtree(d)
         tmp.rename(d)
         link = self.opts.checkpoint_dir / "latest.tmp"
         link.unlink(missing_ok=True)
         link.symlink_to(d.name)
         link.replace(self.opts.checkpoint_dir / "latest")
+        self.checkpoints_saved += 1
         return d
 
     def status(self) -> dict[str, Any]:

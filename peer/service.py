@@ -26,7 +26,7 @@ from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht
 from lte.net.records import publish_base_hash, read_signed, read_signed_all
-from lte.net.rounds import (BASE, FACTORS, PREV_FACTORS, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors,
+from lte.net.rounds import (BASE, FACTORS, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors,
                             base_key, commit_key, fetch_contributions, merge_round, run_prefix, spec_key)
 from lte.train import HeadTrainer
 from lte.wire import Layout, pack_factors, pack_replicas, unpack_factors
@@ -191,12 +191,14 @@ class Peer:
         now = get_dht_time()
         try:
             gathered = self.members.agree(k, digest, deadline_s=max(1.0, close - now) + 3.0,
-                                          scheduled_time=max(close, now + 0.5))
+                                          min_size=int(rec.get("min_size", 2)), scheduled_time=max(close, now + 0.5))
         except GroupNotFound:
-            self.resync()
-            return False
+            gathered = {}
         if self.coordinator not in gathered:
-            self.resync()
+            # No round happened for us. If the base has not moved on, keep the progress and try again after more
+            # local steps (the samples count grows, so the merge weights it fairly); otherwise catch up.
+            if int(self._base_record()["round"]) != k:
+                self.resync()
             return False
         commit = self._wait_commit(k)
         if commit is None:
