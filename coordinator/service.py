@@ -74,9 +74,9 @@ class Coordinator:
         self.test_set = load_datasets(spec.data, spec.seed)[1]
         self.round = 0
         self.base_hash = state_hash(self.base)
-        self.evaluate()  # round 0 too, so a run's curve starts at the untrained model
         self.peers: dict[str, PeerStats] = {}
         self.evaluation: dict[str, Any] | None = None
+        self.evaluate()  # round 0 too, so a run's curve starts at the untrained model
         self.history: list[dict[str, Any]] = []
         self.finished = False
         self.checkpoints_saved = 0
