@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--eval-every", type=int, default=1, help="evaluate every K rounds")
     s.add_argument("--checkpoint-every", type=int, default=5, help="write a checkpoint every K rounds")
     s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
+    s.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
+                   help="how merged layers travel between peers: the cheaper per layer (auto), or one forced")
     s.add_argument("--max-rounds", type=int, help="stop after this many merged rounds")
     s.add_argument("--min-peers", type=int, default=1, help="merge a round only when at least this many peers join")
     s.add_argument("--json", action="store_true", help="print one JSON object per round")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                   http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
                                   fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
                                   checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds,
-                                  min_peers=args.min_peers)
+                                  min_peers=args.min_peers, paths=args.paths)
         coord = Coordinator(spec, opts)
         if args.http_port is not None:
             from coordinator.metrics import coordinator_registry

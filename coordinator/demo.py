@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/demo"))
     ap.add_argument("--round-seconds", type=float, default=2.0)
+    ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
+                    help="how merged layers travel between peers (see lte-coordinator start --help)")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     return ap.parse_args(argv)
 
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.append(_spawn([exe, "-m", "coordinator.cli", "start", "--config", args.config, "--checkpoint-dir",
                              str(args.checkpoint_dir), "--max-rounds", str(args.rounds), "--round-seconds",
-                             str(args.round_seconds), "--json"], "coordinator", events, logs / "coordinator.log"))
+                             str(args.round_seconds), "--paths", args.paths, "--json"], "coordinator", events,
+                            logs / "coordinator.log"))
         join = None
         while join is None:
             name, ev = events.get(timeout=max(1.0, args.timeout - (time.monotonic() - t0)))

@@ -30,8 +30,9 @@ from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht, visible_maddrs
 from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
                               publish_base_hash, publish_signed)
-from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, base_key, base_to_tensors, commit_key,
-                            fetch_contributions, merge_round, run_prefix, spec_key)
+from lte.merge import merge_contributions
+from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, as_dense, base_key, base_to_tensors, commit_key,
+                            fetch_contributions, round_dense_layers, run_prefix, spec_key)
 from lte.train import evaluate
 from lte.wire import Layout
 
@@ -50,6 +51,7 @@ class CoordinatorOptions:
     wire: str = "raw"
     max_rounds: int | None = None
     min_peers: int = 1
+    paths: str = "auto"  # auto | factors | dense: how merged layers travel between peers
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Coordinator:
     def publish_spec(self) -> None:
         publish_signed(self.dht, spec_key(self.peer_id), {
             "spec": self.spec.model_dump(mode="json"), "spec_hash": self.spec_hash, "version": lte.__version__,
-            "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire,
+            "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire, "paths": self.opts.paths,
             "round_seconds": self.opts.round_seconds, "fetch_timeout": self.opts.fetch_timeout,
         }, self.owner, ttl=3600)
 
@@ -133,12 +135,14 @@ class Coordinator:
                 continue
             try:
                 contributions += fetch_contributions(self.blobs, self.layout, {pid: d}, {pid: [pid]}, k,
-                                                     self.opts.fetch_timeout)
+                                                     self.opts.fetch_timeout, self.layout.layers)
                 accepted[pid] = d
             except Exception as err:  # a member that cannot deliver is left out, for everyone alike
                 print(f"round {k}: left out {pid[-8:]}: {err}", flush=True)
+        dense = round_dense_layers(self.layout, accepted, self.opts.paths)
         if contributions:
-            apply_update(self.base, merge_round(contributions, self.spec.lte.scale))
+            contributions = [as_dense(c, dense) for c in contributions]
+            apply_update(self.base, merge_contributions(contributions, self.spec.lte.scale))
             self.base_hash = state_hash(self.base)
         publish_signed(self.dht, commit_key(self.run, k), {
             "round": k, "members": {pid: d.to_dict() for pid, d in accepted.items()}, "hash": self.base_hash,
@@ -154,6 +158,7 @@ class Coordinator:
             st = self.peers.setdefault(pid, PeerStats())
             st.samples, st.rounds, st.last_round = st.samples + d.n, st.rounds + 1, k
         summary = {"round": self.round, "peers": len(accepted), "merge_s": time.perf_counter() - t0,
+                   "dense_layers": len(dense),
                    "mean_loss": (sum(d.loss for d in accepted.values()) / len(accepted)) if accepted else None,
                    "base_hash": self.base_hash, "bytes_received": sum(self.blobs.traffic.received.values()),
                    "bytes_sent": sum(self.blobs.traffic.sent.values())}

@@ -26,10 +26,13 @@ from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht
 from lte.net.records import publish_base_hash, read_signed, read_signed_all
-from lte.net.rounds import (BASE, FACTORS, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors,
-                            base_key, commit_key, fetch_contributions, merge_round, run_prefix, spec_key)
+from lte.merge import merge_contributions
+from lte.net.dense import dense_exchange
+from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors, base_key, commit_key,
+                            factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
+                            run_prefix, spec_key)
 from lte.train import HeadTrainer
-from lte.wire import Layout, pack_factors, pack_replicas, unpack_factors
+from lte.wire import Layout, pack_factors, pack_replicas
 
 
 RETRY_S = 60.0
@@ -71,6 +74,7 @@ class Peer:
             self.spec: RunSpec = self._check_spec(record)
             self.run = self.spec.run
             self.wire = record.get("wire", "raw")
+            self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
             self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
             self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=opts.client_mode)
@@ -129,10 +133,9 @@ class Peer:
             raise NetworkError("the coordinator's base record is not readable")
         return rec.value
 
-    def _put_own_factors(self, round_id: int) -> tuple[str, dict]:
-        sha = self.blobs.put(pack_factors(self.trainer.model, self.layout), kind=FACTORS, round_id=round_id,
-                             wire=self.wire)
-        return sha, unpack_factors(self.layout, self.blobs.store.tensors(sha))
+    def _put_own_factors(self, round_id: int) -> str:
+        """Store the live factors (per-layer blobs and their manifest); returns the manifest's address."""
+        return put_factors(self.blobs, self.layout, pack_factors(self.trainer.model, self.layout), round_id, self.wire)
 
     def resync(self) -> None:
         """Download the current base from the coordinator; unmerged progress is dropped."""
@@ -151,14 +154,11 @@ class Peer:
             model.load_base(state)
             self.prev_sha = ""
         else:
-            if sent_sha is None:
-                if all(torch.count_nonzero(l.lora_B) == 0 for l in model.layers.values()):
-                    sent_sha, sent = "", None  # V = B A = 0: nothing to send
-                else:
-                    sent_sha, sent = self._put_own_factors(round_id)
-            else:
-                sent = unpack_factors(self.layout, self.blobs.store.tensors(sent_sha))
-            model.load_base(state, sent)
+            if sent_sha is None and all(torch.count_nonzero(l.lora_B) == 0 for l in model.layers.values()):
+                sent_sha = ""  # V = B A = 0: nothing to send
+            elif sent_sha is None:
+                sent_sha = self._put_own_factors(round_id)
+            model.load_base(state, local_factors(self.blobs, self.layout, sent_sha) if sent_sha else None)
             self.prev_sha = sent_sha
         self.round, self.samples, self.losses = round_id, 0, []
 
@@ -179,10 +179,13 @@ class Peer:
         if int(rec["round"]) != k:
             self.resync()
             return False
-        f_sha, _ = self._put_own_factors(k)
+        f_sha = self._put_own_factors(k)
         r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
         if self.opts.client_mode:  # nobody can reach us: the coordinator serves our blobs
-            for sha in filter(None, (f_sha, r_sha, self.prev_sha)):
+            shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
+            if self.prev_sha:
+                shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
+            for sha in shas:
                 self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
         mean_loss = sum(self.losses) / max(1, len(self.losses))
         digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
@@ -207,12 +210,10 @@ class Peer:
         members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
         sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
         before = dict(self.blobs.traffic.received)
-        contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout)
-        update = merge_round(contributions, self.spec.lte.scale) if contributions else None
         model = self.trainer.model
         state = model.base_state_dict()
-        if update is not None:
-            apply_update(state, update)
+        if members:
+            state = self._merge_committed(k, members, sources, f_sha, state)
         self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
         h = state_hash(model.base_state_dict())
         if h != commit["hash"]:
@@ -226,6 +227,29 @@ class Peer:
                   "bytes_sent_total": dict(self.blobs.traffic.sent)})
         self.blobs.store.drop_rounds_before(k - 1)
         return True
+
+    def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str,
+                         state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base after round k: factor-path layers and replicas from the members' blobs, dense-path layers by
+        owner-computes reduce (falling back to factors, which give the same bytes, if any owner fails)."""
+        dense = round_dense_layers(self.layout, members, self.paths) if self.peer_id in members else []
+        factor_layers = [l for l in self.layout.layers if l not in dense]
+        contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout,
+                                            factor_layers)
+        old = dict(state)
+        apply_update(state, merge_contributions(contributions, self.spec.lte.scale))
+        if dense:
+            try:
+                own = local_factors(self.blobs, self.layout, f_sha)
+                prev = local_factors(self.blobs, self.layout, self.prev_sha) if self.prev_sha else None
+                state.update(dense_exchange(self.dht, self.blobs, self.run, k, self.peer_id, members, own, prev, old,
+                                            dense, self.spec.lte.scale, self.fetch_timeout))
+            except NetworkError as err:
+                self.log({"event": "dense_fallback", "round": k, "error": str(err)})
+                again = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout, [],
+                                            dense, replicas=False)
+                apply_update(state, merge_contributions(again, self.spec.lte.scale))
+        return state
 
     def _wait_commit(self, k: int) -> dict[str, Any] | None:
         deadline = time.monotonic() + self.fetch_timeout + 10.0

@@ -1,24 +1,30 @@
 """The LTE round protocol on top of the generic transport: record names and formats, and the merge of a round.
 
 Both the coordinator and the peers import this module, so they read and write the same records and merge a
-committed round with the same code (`merge_committed`), which is what keeps their bases bitwise identical.
-See docs/protocol.md for the round message by message.
+committed round with the same code, which is what keeps their bases bitwise identical. See docs/protocol.md.
+
+Factors travel one blob per layer, listed by a small manifest blob, so that a receiver fetches only the layers it
+merges from factors; layers where the dense path is cheaper for the group that formed go through `lte.net.dense`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from lte.merge import HeadContribution, MergeUpdate, merge_contributions
+from lte.costs import layer_cost
+from lte.merge import HeadContribution
 from lte.net.blobs import BlobService
-from lte.wire import Layout, contribution
+from lte.wire import Layout, unpack_replicas
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Blob kinds: traffic is counted per kind.
-FACTORS, PREV_FACTORS, REPLICAS, BASE = "factors", "factors_prev", "replicas", "base"
+FACTORS, PREV_FACTORS, REPLICAS, BASE, MANIFEST = "factors", "factors_prev", "replicas", "base", "manifest"
+DENSE_SLICES, DENSE_REDUCED = "dense_slices", "dense_reduced"
 
 
 def spec_key(coordinator_peer_id: str) -> str:
@@ -34,14 +40,20 @@ def commit_key(run: str, round_id: int) -> str:
     return f"lte.{run}.commit.{round_id}"
 
 
+def run_prefix(run: str) -> str:
+    """The averager and servicer namespace of a run (hivemind forbids dots there)."""
+    return "lte_" + "".join(c if c.isalnum() else "_" for c in run)
+
+
 @dataclass(frozen=True)
 class Digest:
     """What a participant announces when it joins round k (gathered by every member; must stay tiny).
 
-    `f`, `r`: blob addresses of its factors and replicas; `v`: address of the factors blob whose product is its
-    V (empty when V is zero); `n`: samples since its last merge; `loss`: mean local loss of those steps;
-    `t`: seconds its local training took (the coordinator sizes the next round's window from it); `client`: it
-    cannot be reached, so its blobs are served by the coordinator. The coordinator joins with `coordinator=True`.
+    `f`, `r`: addresses of its factors manifest and replicas blob; `v`: address of the factors manifest whose
+    products are its V (empty when V is zero); `n`: samples since its last merge; `loss`: mean local loss of those
+    steps; `t`: seconds its local training took (the coordinator sizes the next round's window from it);
+    `client`: it cannot be reached, so its blobs are served by the coordinator. The coordinator joins with
+    `coordinator=True`.
     """
 
     f: str = ""
@@ -65,6 +77,7 @@ class Digest:
                    client=bool(d.get("client", False)), coordinator=bool(d.get("c", False)))
 
 
+# ----- base blobs -------------------------------------------------------------------------------------------------
 def base_to_tensors(state: Mapping[str, Tensor]) -> list[Tensor]:
     """A base state dict as a blob (sorted keys; the keys themselves come from the run's model)."""
     return [state[k].detach().cpu().contiguous() for k in sorted(state)]
@@ -76,48 +89,137 @@ def base_from_tensors(keys: list[str], tensors: list[Tensor]) -> dict[str, Tenso
     return dict(zip(sorted(keys), tensors))
 
 
-def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str, Digest],
-                        sources: Mapping[str, list[str]], round_id: int, timeout: float) -> list[HeadContribution]:
-    """Fetch (or take from the local store) every member's blobs and turn them into merge inputs.
+# ----- factor blobs -----------------------------------------------------------------------------------------------
+def put_factors(blobs: BlobService, layout: Layout, factors: Sequence[Tensor], round_id: int, wire: str) -> str:
+    """Store one blob per layer (A, B) and a manifest listing them; returns the manifest's address."""
+    shas = [blobs.put(factors[2 * i:2 * i + 2], kind=FACTORS, round_id=round_id, wire=wire)
+            for i in range(len(layout.layers))]
+    return blobs.put([torch.frombuffer(bytearray("".join(shas).encode()), dtype=torch.uint8)], kind=MANIFEST,
+                     round_id=round_id)
 
-    `sources[peer]` lists who may serve that peer's blobs, in order of preference (the peer itself, then the
-    coordinator, which holds every blob it committed). Blobs are kept for one more round: this round's factors
-    are the next round's V.
-    """
-    out = []
-    for pid in sorted(members):
-        d = members[pid]
-        wanted = [(d.f, FACTORS), (d.r, REPLICAS)] + ([(d.v, PREV_FACTORS)] if d.v else [])
-        got = {}
-        for sha, kind in wanted:
-            got[sha] = _fetch_any(blobs, sources[pid], sha, kind, round_id, timeout)
-        out.append(contribution(layout, pid, d.n, got[d.f], got[d.r], got[d.v] if d.v else None))
+
+def _manifest_shas(tensor: Tensor, layout: Layout) -> dict[str, str]:
+    text = bytes(tensor.numpy()).decode()
+    shas = [text[i:i + 64] for i in range(0, len(text), 64)]
+    if len(shas) != len(layout.layers):
+        raise ValueError(f"manifest lists {len(shas)} layers, the run has {len(layout.layers)}")
+    return dict(zip(layout.layers, shas))
+
+
+def local_factors(blobs: BlobService, layout: Layout, manifest: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Factors of a manifest held locally, as every receiver decodes them (used by the sender for its own V)."""
+    shas = _manifest_shas(blobs.store.tensors(manifest)[0], layout)
+    out = {}
+    for layer, sha in shas.items():
+        a, b = blobs.store.tensors(sha)
+        out[layer] = (a.float(), b.float())
     return out
 
 
-def _fetch_any(blobs: BlobService, sources: list[str], sha: str, kind: str, round_id: int, timeout: float) -> list[Tensor]:
+def fetch_from(blobs: BlobService, sources: Sequence[str], shas: Sequence[str], kind: str, round_id: int,
+               timeout: float) -> list[list[Tensor]]:
+    """Fetch blobs in parallel from the first source that has them all, trying the next source for the rest."""
+    got: dict[str, list[Tensor]] = {}
     last: Exception | None = None
     for src in sources:
+        missing = [s for s in dict.fromkeys(shas) if s not in got]
+        if not missing:
+            break
         try:
-            return blobs.fetch(src, sha, kind=kind, timeout=timeout, keep=True, round_id=round_id)
-        except Exception as err:  # try the next holder; the caller decides what a total failure means
+            for sha, tensors in zip(missing, blobs.fetch_many([(src, s) for s in missing], kind=kind, timeout=timeout,
+                                                              keep=True, round_id=round_id)):
+                got[sha] = tensors
+        except Exception as err:  # some or all failed: fetch_many stored the ones that arrived; retry the rest
             last = err
-    raise last if last else KeyError(sha)
+            for s in missing:
+                if s in blobs.store:
+                    got[s] = blobs.store.tensors(s)
+    if any(s not in got for s in shas):
+        raise last if last is not None else KeyError("no source for blobs")
+    return [got[s] for s in shas]
 
 
-def merge_round(contributions: list[HeadContribution], scale: float) -> MergeUpdate:
-    return merge_contributions(contributions, scale)
+def _factors_of(blobs, layout, sources, manifest, layers, kind, round_id, timeout):
+    shas = _manifest_shas(fetch_from(blobs, sources, [manifest], MANIFEST, round_id, timeout)[0][0], layout)
+    fetched = fetch_from(blobs, sources, [shas[l] for l in layers], kind, round_id, timeout)
+    return {l: (t[0].float(), t[1].float()) for l, t in zip(layers, fetched)}
 
 
-def run_prefix(run: str) -> str:
-    """The averager and servicer namespace of a run (hivemind forbids dots there)."""
-    return "lte_" + "".join(c if c.isalnum() else "_" for c in run)
+def member_delta(a: Tensor, b: Tensor, prev: tuple[Tensor, Tensor] | None) -> Tensor:
+    """A head's dense delta B A - B' A' as it goes over the dense path: computed in float64, sent as float32.
+
+    The coordinator merges dense-path layers from this same float32 value, so both paths give one result.
+    """
+    d = b.to(torch.float64) @ a.to(torch.float64)
+    if prev is not None:
+        d = d - prev[1].to(torch.float64) @ prev[0].to(torch.float64)
+    return d.to(torch.float32)
+
+
+def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str, Digest],
+                        sources: Mapping[str, Sequence[str]], round_id: int, timeout: float,
+                        factor_layers: Sequence[str], dense_layers: Sequence[str] = (),
+                        replicas: bool = True) -> list[HeadContribution]:
+    """Every member's merge input: factors for `factor_layers`, float32 dense deltas for `dense_layers` (what the
+    dense path would carry), and replicas. Blobs are kept for one more round: this round's factors are the next
+    round's V.
+
+    `sources[peer]` lists who may serve that peer's blobs, in order of preference (the peer itself, then the
+    coordinator, which holds every blob it committed).
+    """
+    out = []
+    needed = list(factor_layers) + list(dense_layers)
+    for pid in sorted(members):
+        d, src = members[pid], sources[pid]
+        cur = _factors_of(blobs, layout, src, d.f, needed, FACTORS, round_id, timeout) if needed else {}
+        prev = _factors_of(blobs, layout, src, d.v, needed, PREV_FACTORS, round_id, timeout) if d.v and needed else None
+        reps = unpack_replicas(layout, fetch_from(blobs, src, [d.r], REPLICAS, round_id, timeout)[0]) if replicas else {}
+        deltas = {l: member_delta(*cur[l], prev[l] if prev else None) for l in dense_layers}
+        out.append(HeadContribution(pid, d.n, {l: cur[l] for l in factor_layers}, reps,
+                                    {l: prev[l] for l in factor_layers} if prev else None, deltas))
+    return out
+
+
+def choose_dense_layers(layout: Layout, members: int, mode: str = "auto") -> list[str]:
+    """Layers whose merged delta is cheaper to move densely than as factors, for a group of `members` peers."""
+    if mode == "factors" or members < 2:
+        return []
+    if mode == "dense":
+        return list(layout.layers)
+    out = []
+    for layer, ((r, fan_in), (fan_out, _)) in zip(layout.layers, layout.factor_shapes):
+        if layer_cost(fan_in, fan_out, r, members).cheaper == "dense":
+            out.append(layer)
+    return out
 
 
 def quiet_hivemind() -> None:
     """hivemind logs an ERROR with a traceback whenever matchmaking finds no group, which in a run is routine
     (a round nobody else joined); our own code reports what matters in one line."""
-    import logging
-
     for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def factor_blob_shas(blobs: BlobService, layout: Layout, manifest: str) -> list[str]:
+    """A manifest and the layer blobs it lists (what a client-mode peer pushes to the coordinator)."""
+    return [manifest, *_manifest_shas(blobs.store.tensors(manifest)[0], layout).values()]
+
+
+def round_dense_layers(layout: Layout, members: Mapping[str, Digest], mode: str) -> list[str]:
+    """The dense-path layers of a committed round; the coordinator and every peer derive the same list.
+
+    Client-mode members cannot serve slices, so a round with one uses factors only.
+    """
+    if any(d.client for d in members.values()):
+        return []
+    return choose_dense_layers(layout, len(members), mode)
+
+
+def as_dense(c: HeadContribution, layers: Sequence[str]) -> HeadContribution:
+    """The same contribution with `layers` given as the float32 deltas the dense path carries."""
+    if not layers:
+        return c
+    deltas = {l: member_delta(*c.factors[l], c.prev_factors[l] if c.prev_factors else None) for l in layers}
+    keep = [l for l in c.factors if l not in deltas]
+    return HeadContribution(c.head_id, c.samples, {l: c.factors[l] for l in keep}, c.replicas,
+                            {l: c.prev_factors[l] for l in keep} if c.prev_factors else None, deltas)

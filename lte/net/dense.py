@@ -1,0 +1,85 @@
+"""The dense path of a round: owner-computes reduce, then all-gather (design notes §2).
+
+For a layer where the group is large enough (`M r >= 2 in out / (in + out)`), moving the merged dense delta costs
+each peer less than fetching everybody's factors. Every member splits its float32 delta B A - B' A' of each dense
+layer into M row slices; member j owns slice j, fetches that slice from every other member, reduces it in float64
+in sorted peer order with the same `merge_contributions` the coordinator uses on whole matrices, and serves the
+resulting new base rows; everyone then fetches every owner's rows. Each peer receives about 2 (M-1)/M of a layer
+instead of (M-1) factor pairs.
+
+Slice addresses are announced in plain DHT records. Nothing here is trusted: the peer checks the resulting base
+against the coordinator's signed hash, and any failure makes it fall back to the factor path, which gives the
+same bytes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lte.merge import HeadContribution, merge_contributions
+from lte.net import NetworkError
+from lte.net.blobs import BlobService
+from lte.net.records import publish, read
+from lte.net.rounds import DENSE_REDUCED, DENSE_SLICES, Digest, fetch_from, member_delta
+
+
+def row_bounds(rows: int, owners: int) -> list[tuple[int, int]]:
+    return [(i * rows // owners, (i + 1) * rows // owners) for i in range(owners)]
+
+
+def _wait_for(dht, key: str, names: Sequence[str], deadline: float) -> dict:
+    while True:
+        entries = read(dht, key)
+        entries = entries if isinstance(entries, dict) else {}
+        if all(n in entries for n in names):
+            return entries
+        if time.monotonic() > deadline:
+            missing = [n[-8:] for n in names if n not in entries]
+            raise NetworkError(f"dense path: no announcement from {', '.join(missing)} in time")
+        time.sleep(0.1)
+
+
+def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, members: Mapping[str, Digest],
+                   own: Mapping[str, tuple[Tensor, Tensor]], own_prev: Mapping[str, tuple[Tensor, Tensor]] | None,
+                   base: Mapping[str, Tensor], layers: Sequence[str], scale: float, timeout: float) -> dict[str, Tensor]:
+    """New base weights of `layers` (keys `<layer>.weight`) after round `round_id`, via owner-computes reduce."""
+    owners = sorted(members)
+    pos = owners.index(me)
+    deadline = time.monotonic() + timeout
+    deltas = {l: member_delta(*own[l], own_prev[l] if own_prev else None) for l in layers}
+    bounds = {l: row_bounds(deltas[l].shape[0], len(owners)) for l in layers}
+
+    def rows(t: Tensor, l: str, j: int) -> Tensor:
+        lo, hi = bounds[l][j]
+        return t[lo:hi].contiguous()
+
+    # 1. Serve one slice of my delta to each owner, and say where.
+    shas = [blobs.put([rows(deltas[l], l, j) for l in layers], kind=DENSE_SLICES, round_id=round_id)
+            for j in range(len(owners))]
+    slice_key, reduced_key = f"lte.{run}.dense.{round_id}", f"lte.{run}.reduced.{round_id}"
+    publish(dht, slice_key, {"s": shas}, ttl=300, subkey=me)
+    # 2. Own slice `pos`: gather it from everyone, reduce exactly like the coordinator does on whole matrices.
+    announced = _wait_for(dht, slice_key, owners, deadline)
+    mine = {}
+    for pid in owners:
+        if pid == me:
+            mine[pid] = [rows(deltas[l], l, pos) for l in layers]
+        else:
+            sha = announced[pid]["s"][pos]
+            mine[pid] = fetch_from(blobs, [pid], [sha], DENSE_SLICES, round_id, max(1.0, deadline - time.monotonic()))[0]
+    contributions = [HeadContribution(pid, members[pid].n, {}, {}, None, dict(zip(layers, mine[pid]))) for pid in owners]
+    update = merge_contributions(contributions, scale)
+    new_rows = [(rows(base[f"{l}.weight"], l, pos).to(torch.float64) + update.deltas[l]).to(base[f"{l}.weight"].dtype)
+                for l in layers]
+    reduced = blobs.put(new_rows, kind=DENSE_REDUCED, round_id=round_id)
+    publish(dht, reduced_key, reduced, ttl=300, subkey=me)
+    # 3. All-gather the owners' rows.
+    done = _wait_for(dht, reduced_key, owners, deadline)
+    parts = {}
+    for j, pid in enumerate(owners):
+        parts[j] = new_rows if pid == me else fetch_from(
+            blobs, [pid], [done[pid]], DENSE_REDUCED, round_id, max(1.0, deadline - time.monotonic()))[0]
+    return {f"{l}.weight": torch.cat([parts[j][i] for j in range(len(owners))], 0) for i, l in enumerate(layers)}
