@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import IO
 
 
-def _reader(name: str, stream: IO[str], out: "queue.Queue[tuple[str, dict | str]]") -> None:
+def _reader(name: str, stream: IO[str], out: "queue.Queue[tuple[str, dict | str]]", keep: Path) -> None:
     for line in stream:
+        with open(keep, "a") as f:  # the events stay on disk for a look after the run
+            f.write(line)
         line = line.strip()
         if line.startswith("{"):
             try:
@@ -34,7 +36,7 @@ def _reader(name: str, stream: IO[str], out: "queue.Queue[tuple[str, dict | str]
 def _spawn(cmd: list[str], name: str, out: "queue.Queue", log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    threading.Thread(target=_reader, args=(name, proc.stdout, out), daemon=True).start()
+    threading.Thread(target=_reader, args=(name, proc.stdout, out, log.with_suffix(".events")), daemon=True).start()
     return proc
 
 

@@ -29,9 +29,9 @@ from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht, visible_maddrs
 from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
-                              publish_base_hash, publish_signed)
+                              publish_base_hash, publish_signed, read)
 from lte.merge import merge_contributions
-from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, as_dense, base_key, base_to_tensors, commit_key,
+from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, alive_key, as_dense, base_key, base_to_tensors, commit_key,
                             fetch_contributions, round_dense_layers, run_prefix, spec_key)
 from lte.train import evaluate
 from lte.wire import Layout
@@ -124,7 +124,7 @@ class Coordinator:
                                           min_size=self.opts.min_peers + 1,
                                           scheduled_time=max(close, get_dht_time() + 0.5))
         except GroupNotFound:
-            self.next_close = get_dht_time() + self.opts.round_seconds
+            self.next_close = get_dht_time() + self.window([])
             self.publish_base()
             return None
         t0 = time.perf_counter()
@@ -148,9 +148,7 @@ class Coordinator:
             "round": k, "members": {pid: d.to_dict() for pid, d in accepted.items()}, "hash": self.base_hash,
         }, self.owner, ttl=600)
         self.round = k + 1
-        # The next window must fit the slowest member's local training, or it misses every round.
-        slowest = max((d.t for d in accepted.values()), default=0.0)
-        self.next_close = get_dht_time() + max(self.opts.round_seconds, 1.5 * slowest + 1.0)
+        self.next_close = get_dht_time() + self.window([d.t for d in accepted.values()])
         self.publish_base()
         publish_base_hash(self.dht, self.run, self.round, self.peer_id, self.base_hash)
         self.blobs.store.drop_rounds_before(k - 1)
@@ -169,6 +167,15 @@ class Coordinator:
             summary["checkpoint"] = str(self.save_checkpoint())
         self.history.append(summary)
         return summary
+
+    def window(self, member_times: list[float]) -> float:
+        """Seconds until the next round closes: enough for the slowest live peer's T local steps (members of this
+        round and peers that announced themselves, e.g. after missing it), or it would miss every round."""
+        alive = read(self.dht, alive_key(self.run))
+        times = list(member_times)
+        if isinstance(alive, dict):
+            times += [float(v.get("t", 0.0)) for v in alive.values() if isinstance(v, dict)]
+        return max(self.opts.round_seconds, 1.5 * max(times, default=0.0) + 1.0)
 
     def evaluate(self) -> None:
         self.eval_model.load_state_dict(self.base, strict=True)

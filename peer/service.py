@@ -25,10 +25,10 @@ from lte.net import GroupNotFound, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_dht, start_dht
-from lte.net.records import publish_base_hash, read_signed, read_signed_all
+from lte.net.records import publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
-from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, base_from_tensors, base_key, commit_key,
+from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, alive_key, base_from_tensors, base_key, commit_key,
                             factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
                             run_prefix, spec_key)
 from lte.train import HeadTrainer
@@ -190,6 +190,7 @@ class Peer:
         mean_loss = sum(self.losses) / max(1, len(self.losses))
         digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
                         spec=self.spec.spec_hash(), client=self.opts.client_mode).to_dict()
+        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
         close = float(rec["close"])
         now = get_dht_time()
         try:

@@ -40,6 +40,12 @@ def commit_key(run: str, round_id: int) -> str:
     return f"lte.{run}.commit.{round_id}"
 
 
+def alive_key(run: str) -> str:
+    """Peers announce themselves here each round with their local training time, so the coordinator can size the
+    next window for every live peer, including those that missed the last round."""
+    return f"lte.{run}.alive"
+
+
 def run_prefix(run: str) -> str:
     """The averager and servicer namespace of a run (hivemind forbids dots there)."""
     return "lte_" + "".join(c if c.isalnum() else "_" for c in run)
