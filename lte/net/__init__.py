@@ -8,7 +8,13 @@ peer/ and coordinator/ both import it; `lte` itself never does. Modules, one job
 - `procs`, `aio`, `counters`, `errors`: process hygiene, a background event loop, byte counters, exceptions.
 This package only re-exports the error types, so importing it stays cheap.
 """
-from lte.net.errors import (
+import os
+
+# hivemind switches torch's tensor sharing to `file_system`, which starts a torch_shm_manager daemon that outlives
+# a stopped peer. File descriptors need no daemon; it must be chosen before hivemind is first imported.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+from lte.net.errors import (  # noqa: E402
     BlobFetchError,
     BlobIntegrityError,
     BlobNotFound,

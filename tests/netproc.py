@@ -1,0 +1,285 @@
+"""Run `lte-coordinator` and `lte-peer` as real processes for integration tests.
+
+`Network` starts processes with `subprocess.Popen`, reads their stdout in threads (JSON lines become events,
+anything else stays a text line), lets a test wait for an event with a deadline, and on exit stops exactly the
+processes it started: SIGTERM, then SIGKILL after a grace period, by pid, never by name. It also records every
+descendant those processes had (DHT, averager, p2pd), and fails the test if any of them is still alive at the
+end (after killing it: it is ours, the test must not leave it behind).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TERM_GRACE_S = 15.0  # the CLIs shut hivemind down on SIGTERM; give them this long before SIGKILL
+
+# A copy of configs/digits.yaml with a model small enough for 2 CPU cores, and a learning rate and merge
+# interval under which test accuracy clearly rises within a handful of rounds.
+SMALL_SPEC = """\
+run: digits-vit-tiny
+seed: 0
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 4}
+data:
+  dataset: digits
+  batch_size: 64
+lte:
+  heads: 4
+  rank: 8
+  alpha: 64
+  merge_every: 20
+  reset: false
+  fold: true
+  dense_modules: [head]
+  a_init: sqrt_in_over_r
+optim:
+  lr: 1.0e-3
+  replica_lr: 3.0e-3
+  full_lr: 1.0e-3
+  weight_decay: 0.05
+  warmup_steps: 5
+  steps: 1500
+eval_every: 100
+"""
+
+
+def write_spec(directory: Path, text: str = SMALL_SPEC) -> Path:
+    path = Path(directory) / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Proc:
+    """One started process: its events (parsed JSON lines), other stdout lines, and its stderr file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    err: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    eof: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
+
+    def stderr_text(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def tail(self, n: int = 15) -> str:
+        out = self.log.read_text(errors="replace").splitlines()[-n:] if self.log.exists() else []
+        err = self.stderr_text().splitlines()[-n:]
+        return f"--- {self.name} (pid {self.pid}, rc {self.popen.poll()}) stdout:\n" + "\n".join(out) + \
+            "\n--- stderr:\n" + "\n".join(err)
+
+
+class Network:
+    """Context manager owning every process a test starts; see the module docstring."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        self._cond = threading.Condition()
+        self._descendants: dict[tuple[int, float], str] = {}  # (pid, create_time) -> owner name
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="netproc-watch", daemon=True)
+        self._watcher.start()
+
+    # ----- starting ---------------------------------------------------------------------------------------
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        """Run `python args...` from the repository root; stdout is read line by line, stderr goes to a file."""
+        log, err = self.workdir / f"{name}.log", self.workdir / f"{name}.err"
+        popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=open(err, "w"), text=True, bufsize=1,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = Proc(name, popen, log, err)
+        with self._cond:
+            self.procs.append(proc)
+        threading.Thread(target=self._read, args=(proc,), name=f"netproc-{name}", daemon=True).start()
+        return proc
+
+    def coordinator(self, config: Path, checkpoint_dir: Path, *extra: str, name: str = "coordinator",
+                    timeout: float = 90.0) -> tuple[Proc, str]:
+        """Start `lte-coordinator start --json` and return it with the multiaddr peers join through."""
+        proc = self.start(name, ["-m", "coordinator.cli", "start", "--config", str(config), "--checkpoint-dir",
+                                 str(checkpoint_dir), "--json", *extra])
+        line = self.wait_line(proc, lambda l: l.startswith("lte-peer join --dht "), timeout, "the join line")
+        return proc, line.split()[-1]
+
+    def peer(self, name: str, join: str, shard: str, *extra: str) -> Proc:
+        """Start `lte-peer join --json` with one torch thread and no progress bars."""
+        return self.start(name, ["-m", "peer.cli", "join", "--dht", join, "--shard", shard, "--threads", "1",
+                                 "--no-progress", "--json", "--name", name, *extra])
+
+    # ----- reading ----------------------------------------------------------------------------------------
+    def _read(self, proc: Proc) -> None:
+        with open(proc.log, "w") as log:
+            for raw in proc.popen.stdout:
+                log.write(raw)
+                log.flush()
+                line = raw.strip()
+                event = None
+                if line.startswith("{"):
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        event = None
+                with self._cond:
+                    if isinstance(event, dict):
+                        event.setdefault("t_seen", time.monotonic())
+                        proc.events.append(event)
+                    else:
+                        proc.lines.append(line)
+                    self._cond.notify_all()
+        with self._cond:
+            proc.eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, proc: Proc, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                 start: int = 0) -> dict[str, Any]:
+        """The first event of `proc` (from index `start`) that satisfies `pred`; fails the test after `timeout` s
+        or when the process has ended without one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in proc.events[start:]:
+                    if pred(event):
+                        return event
+                if proc.eof:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        why = "exited" if proc.eof else f"nothing within {timeout:.0f} s"
+        raise AssertionError(f"{proc.name}: waiting for {what}: {why}\n{self.tails()}")
+
+    def wait_line(self, proc: Proc, pred: Callable[[str], bool], timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in proc.lines:
+                    if pred(line):
+                        return line
+                if proc.eof or time.monotonic() > deadline:
+                    break
+                self._cond.wait(1.0)
+        why = "exited" if proc.eof else f"nothing within {timeout:.0f} s"
+        raise AssertionError(f"{proc.name}: waiting for {what}: {why}\n{self.tails()}")
+
+    def wait_exit(self, proc: Proc, timeout: float) -> int:
+        try:
+            return proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{proc.name} did not exit within {timeout:.0f} s\n{self.tails()}") from None
+
+    def tails(self, n: int = 15) -> str:
+        return "\n".join(p.tail(n) for p in self.procs)
+
+    # ----- stopping ---------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        for proc in list(self.procs):
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    self._descendants[(child.pid, child.create_time())] = proc.name
+                except psutil.NoSuchProcess:
+                    pass
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        """Signal one started process (by pid); its recorded descendants are checked at exit like all others."""
+        self._snapshot()
+        if proc.alive():
+            proc.popen.send_signal(sig)
+
+    def stop(self, proc: Proc, grace: float = TERM_GRACE_S) -> None:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+        try:
+            proc.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _leftovers(self) -> list[tuple[psutil.Process, str]]:
+        left = []
+        for (pid, created), owner in self._descendants.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append((p, owner))
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def close(self) -> None:
+        """SIGTERM every started process that still runs, SIGKILL after the grace period; then make sure none of
+        their descendants is left (killing any that are, and failing)."""
+        self._snapshot()
+        running = [p for p in self.procs if p.alive()]
+        for proc in running:
+            proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        for proc in running:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(10)
+        self._stop.set()
+        self._watcher.join(5)
+        # Orphaned hivemind children end themselves within about a second of their parent (procs.py watchdog).
+        deadline = time.monotonic() + 10.0
+        left = self._leftovers()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = self._leftovers()
+        for p, _ in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if left:
+            raise AssertionError("processes left behind: " + ", ".join(
+                f"{p.pid} ({p.name()}, child of {owner})" for p, owner in left))
+
+    def __enter__(self) -> "Network":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except AssertionError:
+            if exc_type is None:
+                raise  # do not mask the test's own failure with this one
