@@ -5,12 +5,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+import warnings
+
+# hivemind 1.1.12 calls torch.jit.script when it is imported, and recent torch answers with a two-line
+# FutureWarning on stderr; a failing command must print only its own one-line error there.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 from lte.config import load_spec
 from lte.errors import ConfigError
 from lte.net import NetworkError
-from lte.net.node import install_signal_handlers, use_fork_start_method
-from lte.net.rounds import quiet_hivemind
+from lte.net.node import prepare_process
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    use_fork_start_method()
-    install_signal_handlers()
-    quiet_hivemind()
+    prepare_process()
     from coordinator.http import StatusServer
     from coordinator.service import Coordinator, CoordinatorOptions
 

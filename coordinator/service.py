@@ -27,7 +27,7 @@ from lte.models import create_base_model
 from lte.net import GroupNotFound
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
-from lte.net.node import shutdown_dht, start_dht, visible_maddrs
+from lte.net.node import shutdown_node, start_dht, visible_maddrs
 from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
                               publish_base_hash, publish_signed, read)
 from lte.merge import merge_contributions
@@ -215,11 +215,4 @@ class Coordinator:
                 "evaluation": self.evaluation, "history": self.history[-50:]}
 
     def close(self) -> None:
-        for part in (self.members, self.blobs):
-            if part is not None:
-                try:
-                    (part.shutdown if hasattr(part, "shutdown") else part.close)()
-                except Exception:
-                    pass
-        if self.dht is not None:
-            shutdown_dht(self.dht)
+        shutdown_node(self.members, self.blobs, dht=self.dht)

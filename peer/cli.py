@@ -5,11 +5,15 @@ import argparse
 import json
 import re
 import sys
+import warnings
+
+# hivemind 1.1.12 calls torch.jit.script when it is imported, and recent torch answers with a two-line
+# FutureWarning on stderr; a failing command must print only its own one-line error there.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 from lte.errors import ConfigError
 from lte.net import NetworkError
-from lte.net.node import install_signal_handlers, use_fork_start_method
-from lte.net.rounds import quiet_hivemind
+from lte.net.node import prepare_process
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -44,9 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    use_fork_start_method()
-    install_signal_handlers()
-    quiet_hivemind()
+    prepare_process()
     from peer.service import Peer, PeerOptions
 
     name = args.name or "peer"

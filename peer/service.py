@@ -24,7 +24,7 @@ from lte.models import create_base_model
 from lte.net import GroupNotFound, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
-from lte.net.node import shutdown_dht, start_dht
+from lte.net.node import shutdown_node, start_dht
 from lte.net.records import publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
@@ -285,11 +285,4 @@ class Peer:
                     pass
 
     def close(self) -> None:
-        for part in (self.members, self.blobs):
-            if part is not None:
-                try:
-                    (part.shutdown if hasattr(part, "shutdown") else part.close)()
-                except Exception:
-                    pass
-        if self.dht is not None:
-            shutdown_dht(self.dht)
+        shutdown_node(self.members, self.blobs, dht=self.dht)

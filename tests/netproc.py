@@ -55,6 +55,14 @@ eval_every: 100
 """
 
 
+def new_identity(path: Path) -> str:
+    """Create a libp2p identity file for `--identity` and return the peer id (base58) it gives."""
+    from hivemind.p2p import P2P, PeerID
+
+    P2P.generate_identity(str(path))
+    return PeerID.from_identity(Path(path).read_bytes()).to_base58()
+
+
 def write_spec(directory: Path, text: str = SMALL_SPEC) -> Path:
     path = Path(directory) / "spec.yaml"
     path.write_text(text)
@@ -204,6 +212,8 @@ class Network:
 
     def _snapshot(self) -> None:
         for proc in list(self.procs):
+            if proc.popen.poll() is not None:  # reaped: its pid may belong to someone else by now
+                continue
             try:
                 children = psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
@@ -213,6 +223,11 @@ class Network:
                     self._descendants[(child.pid, child.create_time())] = proc.name
                 except psutil.NoSuchProcess:
                     pass
+
+    def descendants(self, proc: Proc) -> list[psutil.Process]:
+        """The recorded descendants of `proc` (DHT, averager, p2pd) that are still running."""
+        self._snapshot()
+        return [p for p, owner in self._leftovers() if owner == proc.name]
 
     def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         """Signal one started process (by pid); its recorded descendants are checked at exit like all others."""
@@ -265,14 +280,15 @@ class Network:
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
             left = self._leftovers()
-        for p, _ in left:
+        names = []
+        for p, owner in left:
             try:
+                names.append(f"{p.pid} ({p.name()}, child of {owner})")
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
         if left:
-            raise AssertionError("processes left behind: " + ", ".join(
-                f"{p.pid} ({p.name()}, child of {owner})" for p, owner in left))
+            raise AssertionError("processes left behind: " + ", ".join(names))
 
     def __enter__(self) -> "Network":
         return self
@@ -283,3 +299,58 @@ class Network:
         except AssertionError:
             if exc_type is None:
                 raise  # do not mask the test's own failure with this one
+
+
+class Observer:
+    """A client-mode DHT node in the test process that reads what a run publishes: base hashes and commits."""
+
+    def __init__(self, join: str):
+        from lte.net.node import start_dht, use_fork_start_method
+
+        use_fork_start_method()  # hivemind's processes cannot be spawned
+        self.coordinator = join.rsplit("/p2p/", 1)[-1]
+        self.dht = start_dht([join], client_mode=True)
+        self._owner: bytes | None = None
+
+    def base_hashes(self, run: str, round_id: int) -> dict[str, str]:
+        from lte.net.records import read_base_hashes
+
+        return read_base_hashes(self.dht, run, round_id)
+
+    def owner(self) -> bytes:
+        from lte.net.records import read_signed_all
+        from lte.net.rounds import spec_key
+
+        if self._owner is None:
+            found = [r for r in read_signed_all(self.dht, spec_key(self.coordinator)).values()
+                     if isinstance(r.value, dict) and r.value.get("coordinator") == self.coordinator]
+            assert len(found) == 1, f"expected one run record from {self.coordinator}, found {len(found)}"
+            self._owner = found[0].owner
+        return self._owner
+
+    def commit(self, run: str, round_id: int) -> dict[str, Any] | None:
+        from lte.net.records import read_signed
+        from lte.net.rounds import commit_key
+
+        rec = read_signed(self.dht, commit_key(run, round_id), self.owner())
+        return rec.value if rec is not None and isinstance(rec.value, dict) else None
+
+    def poll(self, fn: Callable[[], Any], ok: Callable[[Any], bool], timeout: float) -> Any:
+        """Call `fn` until `ok(result)` or `timeout` seconds have passed; returns the last result."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = fn()
+            if ok(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        from lte.net.node import shutdown_dht
+
+        shutdown_dht(self.dht)
+
+    def __enter__(self) -> "Observer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,5 +1,4 @@
 """Bad input gives one clear ConfigError; data splits and shards are deterministic."""
-import json
 import subprocess
 import sys
 

@@ -27,8 +27,8 @@ from lte.net.procs import (
 from lte.net.records import default_validators
 
 __all__ = [
-    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "shutdown_dht", "start_dht", "use_fork_start_method",
-    "visible_maddrs",
+    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "prepare_process", "shutdown_dht", "shutdown_node", "start_dht",
+    "use_fork_start_method", "visible_maddrs",
 ]
 
 # Time allowed on top of p2pd's startup_timeout for the DHT to ping its initial peers (hivemind's
@@ -150,3 +150,31 @@ def _host_maddr(host: str, port: int) -> str:
     if not 0 <= port <= 65535:
         raise NetworkError(f"port must be in 0..65535, got {port}")
     return f"/ip{ip.version}/{ip}/tcp/{port}"
+
+
+def shutdown_node(*services: Any, dht: hivemind.DHT | None) -> None:
+    """Stop a program's hivemind parts in the safe order: services and averagers first, then the DHT.
+
+    Each part is stopped even if an earlier one fails: the point is that nothing survives the program.
+    """
+    for part in services:
+        if part is None:
+            continue
+        try:
+            (part.shutdown if hasattr(part, "shutdown") else part.close)()
+        except Exception:
+            pass
+    if dht is not None:
+        shutdown_dht(dht)
+
+
+def prepare_process() -> None:
+    """What every program that runs hivemind does first: fork, dependable signals, routine hivemind noise muted."""
+    import logging
+
+    use_fork_start_method()
+    install_signal_handlers()
+    # hivemind logs an ERROR with a traceback whenever matchmaking finds no group, which in a run is routine
+    # (a round nobody else joined); our own code reports what matters in one line.
+    for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -8,7 +8,6 @@ merges from factors; layers where the dense path is cheaper for the group that f
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -198,12 +197,6 @@ def choose_dense_layers(layout: Layout, members: int, mode: str = "auto") -> lis
             out.append(layer)
     return out
 
-
-def quiet_hivemind() -> None:
-    """hivemind logs an ERROR with a traceback whenever matchmaking finds no group, which in a run is routine
-    (a round nobody else joined); our own code reports what matters in one line."""
-    for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def factor_blob_shas(blobs: BlobService, layout: Layout, manifest: str) -> list[str]:
