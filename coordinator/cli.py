@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"test_acc {acc if acc is None else f'{acc:.4f}'}  base {summary['base_hash'][:12]}", flush=True)
         final = coord.save_checkpoint()
         coord.finish()
+        coord.drain(args.fetch_timeout + 10.0)  # peers may still be fetching the last round's blobs from us
         print(json.dumps({"event": "done", "checkpoint": str(final), "evaluation": coord.evaluation}) if args.json
               else f"final checkpoint {final}", flush=True)
         return 0

@@ -29,7 +29,7 @@ from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import shutdown_node, start_dht, visible_maddrs
 from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
-                              publish_base_hash, publish_signed, read)
+                              publish_base_hash, publish_signed, read, read_base_hashes)
 from lte.merge import merge_contributions
 from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, alive_key, as_dense, base_key, base_to_tensors, commit_key,
                             fetch_contributions, round_dense_layers, run_prefix, spec_key)
@@ -186,6 +186,22 @@ class Coordinator:
         """Tell peers the run is over, so they leave cleanly instead of waiting for rounds that never come."""
         self.finished = True
         self.publish_base()
+
+    def drain(self, timeout: float) -> None:
+        """After `finish`, stay up (at most `timeout` s) until every member of the last commit has merged it (each
+        publishes its base hash for the final round), then for one more round window.
+
+        Peers fetch client-mode members' blobs, and a vanished member's, from the coordinator only: leaving right
+        after the last commit left them one round short of the final base. And a peer learns that the run is over
+        only when it reads the base record after its next T local steps; a client-mode peer stores no records, so
+        once we (and the peers that already left) are gone it cannot read it and retries until it gives up."""
+        members = {pid for pid, st in self.peers.items() if st.last_round == self.round - 1}
+        deadline = time.monotonic() + timeout
+        while members and time.monotonic() < deadline:
+            if members <= set(read_base_hashes(self.dht, self.run, self.round)):
+                break
+            time.sleep(0.5)
+        time.sleep(max(0.0, min(self.window([]), deadline - time.monotonic())))
 
     def save_checkpoint(self) -> Path:
         """model.safetensors + meta.json in round-NNNNNN/, then `latest` is switched atomically."""

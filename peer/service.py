@@ -176,6 +176,9 @@ class Peer:
         rec = self._base_record()
         if rec.get("finished"):
             raise RunFinished()
+        # Announce our training time before anything else: a peer that keeps arriving after its round closed
+        # (a late joiner, a slow machine) is exactly the one the coordinator must widen the window for.
+        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
         if int(rec["round"]) != k:
             self.resync()
             return False
@@ -190,7 +193,6 @@ class Peer:
         mean_loss = sum(self.losses) / max(1, len(self.losses))
         digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
                         spec=self.spec.spec_hash(), client=self.opts.client_mode).to_dict()
-        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
         close = float(rec["close"])
         now = get_dht_time()
         try:

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import psutil
 
+import lte.net  # noqa: F401  (first, before hivemind: it picks a tensor sharing strategy that needs no daemon)
+
 ROOT = Path(__file__).resolve().parents[1]
 TERM_GRACE_S = 15.0  # the CLIs shut hivemind down on SIGTERM; give them this long before SIGKILL
 
@@ -69,6 +71,19 @@ def write_spec(directory: Path, text: str = SMALL_SPEC) -> Path:
     return path
 
 
+# Runs `lte-peer` (peer.cli.main, what the console script calls) once the file argv[1] gives its --dht address.
+_PRESTART = """\
+import os, sys, time
+import peer.cli, peer.service  # the slow imports happen before the start signal
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.05)
+join = open(go).read().strip()
+sys.argv = ["lte-peer"] + sys.argv[2:]
+sys.exit(peer.cli.main([join if a == "{join}" else a for a in sys.argv[1:]]))
+"""
+
+
 @dataclass
 class Proc:
     """One started process: its events (parsed JSON lines), other stdout lines, and its stderr file."""
@@ -80,6 +95,7 @@ class Proc:
     events: list[dict[str, Any]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     eof: bool = False
+    go: Path | None = None  # start signal of a pre-started peer
 
     @property
     def pid(self) -> int:
@@ -110,17 +126,20 @@ class Network:
         self.procs: list[Proc] = []
         self._cond = threading.Condition()
         self._descendants: dict[tuple[int, float], str] = {}  # (pid, create_time) -> owner name
+        self._lock = threading.Lock()  # for _descendants (the watcher thread records, tests read)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="netproc-watch", daemon=True)
         self._watcher.start()
 
     # ----- starting ---------------------------------------------------------------------------------------
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
-        """Run `python args...` from the repository root; stdout is read line by line, stderr goes to a file."""
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, exe: str | None = None) -> Proc:
+        """Run `python args...` (or `exe args...`) from the repository root; stdout is read line by line, stderr
+        goes to a file."""
         log, err = self.workdir / f"{name}.log", self.workdir / f"{name}.err"
-        popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=open(err, "w"), text=True, bufsize=1,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        with open(err, "w") as err_file:
+            popen = subprocess.Popen([exe or sys.executable, *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=err_file, text=True, bufsize=1,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         proc = Proc(name, popen, log, err)
         with self._cond:
             self.procs.append(proc)
@@ -135,10 +154,27 @@ class Network:
         line = self.wait_line(proc, lambda l: l.startswith("lte-peer join --dht "), timeout, "the join line")
         return proc, line.split()[-1]
 
-    def peer(self, name: str, join: str, shard: str, *extra: str) -> Proc:
-        """Start `lte-peer join --json` with one torch thread and no progress bars."""
-        return self.start(name, ["-m", "peer.cli", "join", "--dht", join, "--shard", shard, "--threads", "1",
-                                 "--no-progress", "--json", "--name", name, *extra])
+    def peer(self, name: str, join: str | None, shard: str, *extra: str) -> Proc:
+        """Start `lte-peer join --json` with one torch thread and no progress bars.
+
+        With `join=None` the peer is pre-started: its interpreter imports the program (torch, timm, hivemind: the
+        slow part of a start on a busy machine) and then waits; `release(proc, join)` runs `lte-peer join` in it.
+        """
+        args = ["join", "--dht", join or "{join}", "--shard", shard, "--threads", "1", "--no-progress", "--json",
+                "--name", name, *extra]
+        if join is not None:
+            return self.start(name, ["-m", "peer.cli", *args])
+        go = self.workdir / f"{name}.go"
+        proc = self.start(name, ["-c", _PRESTART, str(go), *args])
+        proc.go = go
+        return proc
+
+    def release(self, proc: Proc, join: str) -> None:
+        """Let a pre-started peer join through `join` now."""
+        assert proc.go is not None and not proc.go.exists(), f"{proc.name} is not a waiting pre-started peer"
+        tmp = proc.go.with_suffix(".tmp")
+        tmp.write_text(join)
+        tmp.rename(proc.go)
 
     # ----- reading ----------------------------------------------------------------------------------------
     def _read(self, proc: Proc) -> None:
@@ -155,7 +191,8 @@ class Network:
                         event = None
                 with self._cond:
                     if isinstance(event, dict):
-                        event.setdefault("t_seen", time.monotonic())
+                        event["_t"] = time.monotonic()  # when the test saw it
+                        event["_i"] = len(proc.events)  # its index: pass _i + 1 as `start` to wait for the next
                         proc.events.append(event)
                     else:
                         proc.lines.append(line)
@@ -182,6 +219,20 @@ class Network:
                 self._cond.wait(min(left, 1.0))
         why = "exited" if proc.eof else f"nothing within {timeout:.0f} s"
         raise AssertionError(f"{proc.name}: waiting for {what}: {why}\n{self.tails()}")
+
+    def wait_until(self, fn: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Re-evaluate `fn` whenever a process prints, until it returns something other than None."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                result = fn()
+                if result is not None:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        raise AssertionError(f"waiting for {what}: nothing within {timeout:.0f} s\n{self.tails()}")
 
     def wait_line(self, proc: Proc, pred: Callable[[str], bool], timeout: float, what: str) -> str:
         deadline = time.monotonic() + timeout
@@ -220,9 +271,11 @@ class Network:
                 continue
             for child in children:
                 try:
-                    self._descendants[(child.pid, child.create_time())] = proc.name
+                    key = (child.pid, child.create_time())
                 except psutil.NoSuchProcess:
-                    pass
+                    continue
+                with self._lock:
+                    self._descendants[key] = proc.name
 
     def descendants(self, proc: Proc) -> list[psutil.Process]:
         """The recorded descendants of `proc` (DHT, averager, p2pd) that are still running."""
@@ -235,21 +288,11 @@ class Network:
         if proc.alive():
             proc.popen.send_signal(sig)
 
-    def stop(self, proc: Proc, grace: float = TERM_GRACE_S) -> None:
-        if proc.alive():
-            proc.popen.send_signal(signal.SIGTERM)
-            try:
-                proc.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-        try:
-            proc.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
     def _leftovers(self) -> list[tuple[psutil.Process, str]]:
         left = []
-        for (pid, created), owner in self._descendants.items():
+        with self._lock:
+            recorded = list(self._descendants.items())
+        for (pid, created), owner in recorded:
             try:
                 p = psutil.Process(pid)
                 if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
@@ -306,10 +349,12 @@ class Observer:
 
     def __init__(self, join: str):
         from lte.net.node import start_dht, use_fork_start_method
+        from lte.net.procs import restore_sigint
 
         use_fork_start_method()  # hivemind's processes cannot be spawned
         self.coordinator = join.rsplit("/p2p/", 1)[-1]
         self.dht = start_dht([join], client_mode=True)
+        restore_sigint()  # hivemind ignores Ctrl+C in the process that starts a DHT; keep pytest interruptible
         self._owner: bytes | None = None
 
     def base_hashes(self, run: str, round_id: int) -> dict[str, str]:
@@ -317,16 +362,33 @@ class Observer:
 
         return read_base_hashes(self.dht, run, round_id)
 
-    def owner(self) -> bytes:
+    def _run_records(self) -> list[Any]:
         from lte.net.records import read_signed_all
         from lte.net.rounds import spec_key
 
+        return [r for r in read_signed_all(self.dht, spec_key(self.coordinator)).values()
+                if isinstance(r.value, dict) and r.value.get("coordinator") == self.coordinator]
+
+    def run_record(self) -> dict[str, Any] | None:
+        """The run record the coordinator signed (spec, versions, settings), or None if not readable yet."""
+        found = self._run_records()
+        return found[0].value if len(found) == 1 else None
+
+    def owner(self) -> bytes:
         if self._owner is None:
-            found = [r for r in read_signed_all(self.dht, spec_key(self.coordinator)).values()
-                     if isinstance(r.value, dict) and r.value.get("coordinator") == self.coordinator]
+            found = self._run_records()
             assert len(found) == 1, f"expected one run record from {self.coordinator}, found {len(found)}"
             self._owner = found[0].owner
         return self._owner
+
+    def base_record(self, run: str) -> dict[str, Any] | None:
+        """The coordinator's signed base record: current round, base hash, and `close`, the DHT time (this
+        machine's clock) at which the round's group closes."""
+        from lte.net.records import read_signed
+        from lte.net.rounds import base_key
+
+        rec = read_signed(self.dht, base_key(run), self.owner())
+        return rec.value if rec is not None and isinstance(rec.value, dict) else None
 
     def commit(self, run: str, round_id: int) -> dict[str, Any] | None:
         from lte.net.records import read_signed
