@@ -254,6 +254,12 @@ class Peer:
                 apply_update(state, merge_contributions(again, self.spec.lte.scale))
         return state
 
+    def _run_finished(self) -> bool:
+        try:
+            return bool(self._base_record().get("finished"))
+        except NetworkError:
+            return False
+
     def _wait_commit(self, k: int) -> dict[str, Any] | None:
         deadline = time.monotonic() + self.fetch_timeout + 10.0
         while time.monotonic() < deadline:
@@ -276,6 +282,9 @@ class Peer:
                 self.log({"event": "finished", "round": self.round})
                 return
             except NetworkError as err:
+                if self._run_finished():  # the coordinator ended the run and left while we were fetching
+                    self.log({"event": "finished", "round": self.round})
+                    return
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RETRY_S:
                     raise
