@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     j.add_argument("--name", help="a display name for logs")
     j.add_argument("--max-rounds", type=int, help="leave after this many merged rounds")
-    j.add_argument("--client-mode", action="store_true", help="behind NAT: accept no incoming connections")
+    j.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT); without it, detected by a dial-back")
     j.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs of a port-forwarded host")
     j.add_argument("--host", default="127.0.0.1", help="address to listen on")
     j.add_argument("--port", type=int, default=0)

@@ -24,7 +24,7 @@ from lte.models import create_base_model
 from lte.net import GroupNotFound, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
-from lte.net.node import shutdown_node, start_dht
+from lte.net.node import shutdown_node, start_dht, visible_maddrs
 from lte.net.records import publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
@@ -77,7 +77,8 @@ class Peer:
             self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
             self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
-            self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=opts.client_mode)
+            self.client_mode = opts.client_mode or self._switch_to_client_mode_if_unreachable()
+            self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=self.client_mode)
             train_set = load_datasets(self._data_spec(), self.spec.seed)[0]
             idx, count = opts.shard
             batch = opts.batch_size or self.spec.data.batch_size // self.spec.lte.heads
@@ -117,6 +118,27 @@ class Peer:
         if self.opts.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available")
         return spec
+
+    def _switch_to_client_mode_if_unreachable(self) -> bool:
+        """Detect NAT: ask the coordinator to open a new connection to the addresses we announce. If none opens,
+        nobody could fetch our blobs, so restart the node in client mode (we push them to the coordinator instead).
+        Returns whether we are now in client mode."""
+        addrs = visible_maddrs(self.dht)
+        try:
+            reachable = self.blobs.dial_back(self.coordinator, addrs)
+        except NetworkError as err:  # cannot tell: stay a server, as asked
+            self.log({"event": "reachability_unknown", "error": str(err)})
+            return False
+        if reachable:
+            return False
+        self.log({"event": "client_mode_detected", "unreachable": addrs})
+        shutdown_node(self.blobs, dht=self.dht)
+        self.dht = self.blobs = None
+        self.dht = start_dht([self.opts.dht], host=self.opts.host, port=0, client_mode=True,
+                             identity_path=self.opts.identity)
+        self.peer_id = self.dht.peer_id.to_base58()  # a new one unless --identity keeps it
+        self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
+        return True
 
     def _data_spec(self):
         upd: dict[str, Any] = {}
@@ -184,7 +206,7 @@ class Peer:
             return False
         f_sha = self._put_own_factors(k)
         r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
-        if self.opts.client_mode:  # nobody can reach us: the coordinator serves our blobs
+        if self.client_mode:  # nobody can reach us: the coordinator serves our blobs
             shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
             if self.prev_sha:
                 shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
@@ -192,7 +214,7 @@ class Peer:
                 self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
         mean_loss = sum(self.losses) / max(1, len(self.losses))
         digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
-                        spec=self.spec.spec_hash(), client=self.opts.client_mode).to_dict()
+                        spec=self.spec.spec_hash(), client=self.client_mode).to_dict()
         close = float(rec["close"])
         now = get_dht_time()
         try:

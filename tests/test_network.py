@@ -3,7 +3,8 @@
 Three network runs (the first two are module-scoped fixtures shared by several tests, each shut down before its
 tests look at it):
 
-- a healthy run: coordinator + 3 peers, one in --client-mode, every round with all three (--min-peers 3);
+- a healthy run: coordinator + 3 peers, one behind (simulated) NAT that must detect it and switch to client mode,
+  every round with all three (--min-peers 3), factors on the wire in fp16;
 - a fault run: coordinator + 3 peers; one peer is SIGKILLed while a round is in progress, then restarted with
   the same identity, and a fourth peer joins late; its coordinator forces `--paths dense`, so the
   owner-computes reduce runs under churn too (the other runs use the factor path, `auto` for this model);
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 RUN = "digits-vit-tiny"  # `run` of netproc.SMALL_SPEC
 FAST = ["--round-seconds", "2", "--fetch-timeout", "5"]
 HEALTHY_ROUNDS = 6
+NAT_ADDR = "/ip4/127.0.0.1/tcp/1"  # nothing listens on port 1: what a peer behind NAT announces, in effect
 REPLAY_ROUNDS = 3
 
 
@@ -83,16 +85,28 @@ def wait_round(net: Network, proc: Proc, round_id: int, timeout: float, merged: 
                         and (not merged or e.get("merged")), timeout, f"round {round_id}")
 
 
-def prestart_peers(net: Network, workdir: Path, names: list[str], client: str | None = None,
+def prestart_peers(net: Network, workdir: Path, names: list[str], extra: dict[str, list[str]] | None = None,
                    shards: int | None = None) -> tuple[dict[str, Proc], dict[str, str]]:
     """Pre-started peers (see `Network.peer`) with identity files, so their peer ids are known before they run;
-    peer i trains on shard i of `shards` (default: one shard each)."""
+    peer i trains on shard i of `shards` (default: one shard each), with `extra[name]` arguments."""
     procs, ids = {}, {}
     for i, name in enumerate(names):
         ids[name] = new_identity(workdir / f"{name}.id")
         procs[name] = net.peer(name, None, f"{i}/{shards or len(names)}", "--identity", str(workdir / f"{name}.id"),
-                               *(["--client-mode"] if name == client else []))
+                               *(extra or {}).get(name, []))
     return procs, ids
+
+
+def factor_numel(spec_path: Path) -> int:
+    """Elements in one head's LoRA factors (A and B of every converted layer) under the spec at `spec_path`."""
+    from lte.config import load_spec
+    from lte.lora import prepare_model
+    from lte.models import create_base_model
+    from lte.wire import Layout
+
+    spec = load_spec(spec_path)
+    return Layout.of(prepare_model(create_base_model(spec.model), spec.lte.model_copy(update={"heads": 1}),
+                                   spec.seed)).factor_numel()
 
 
 @dataclass
@@ -115,9 +129,11 @@ def healthy_run(tmp_path_factory) -> Run:
     wd = tmp_path_factory.mktemp("healthy")
     spec = write_spec(wd)
     with Network(wd / "logs") as net:
-        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], client="p1")
+        # p1 sits "behind NAT": it announces an address nobody can connect to, so it must detect that and switch
+        # to client mode by itself.
+        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], extra={"p1": ["--announce-maddrs", NAT_ADDR]})
         coord, join = net.coordinator(spec, wd / "ck", "--max-rounds", str(HEALTHY_ROUNDS), "--min-peers", "3",
-                                      "--checkpoint-every", "1000", *FAST)
+                                      "--checkpoint-every", "1000", "--wire", "fp16", *FAST)
         for p in peers.values():
             net.release(p, join)
         run = Run(coord, join, peers, ids, spec, wd / "ck")
@@ -171,6 +187,12 @@ def test_three_peers_keep_identical_bases_and_learn(healthy_run):
     left_out = {name: [r for r, e in rounds_of(p).items() if not e["merged"]] for name, p in run.peers.items()}
     assert sum(map(len, left_out.values())) <= 1, f"left out of rounds: {left_out}; coordinator: {coord.lines}"
 
+    # --wire fp16: factor blobs travel at 2 bytes per element (the replay run checks the raw wire bit for bit). In
+    # a round after which every member's last factors are cached, p0 receives exactly the 2 others' factors.
+    assert run.run_record["wire"] == "fp16"
+    received = [e["bytes_received"].get("factors", 0) for e in rounds_of(run.peers["p0"]).values()]
+    assert 2 * 2 * factor_numel(run.spec_path) in received, received
+
     # The merged model learns: the last evaluation beats the first (round 1; round 0 is the untrained model).
     done = coord.of("done")[0]
     first, last = rounds[1]["test_accuracy"], done["evaluation"]["test_accuracy"]
@@ -194,13 +216,11 @@ def test_three_peers_keep_identical_bases_and_learn(healthy_run):
 
 
 @pytest.mark.timeout(420)
-def test_client_mode_peer_contributes_through_the_coordinator(healthy_run):
-    from lte.config import load_spec
-    from lte.lora import prepare_model
-    from lte.models import create_base_model
-    from lte.wire import Layout
-
+def test_peer_behind_nat_detects_it_and_contributes_through_the_coordinator(healthy_run):
     run = healthy_run
+    detected = run.peers["p1"].of("client_mode_detected")
+    assert detected and NAT_ADDR in detected[0]["unreachable"][0], run.peers["p1"].events[:3]
+    assert not any(p.of("client_mode_detected") for n, p in run.peers.items() if n != "p1")
     rounds = rounds_of(run.coord)
     client = run.ids["p1"]
     with_client = []
@@ -218,9 +238,7 @@ def test_client_mode_peer_contributes_through_the_coordinator(healthy_run):
     # Nobody can fetch from a client-mode peer: after each commit that holds its contribution, the other two
     # download its factors from the coordinator. Those downloads happen between the coordinator's events for
     # rounds k and k + 2, so for commits 1 .. R-2 they all fall between its first and last event.
-    spec = load_spec(run.spec_path)
-    factor_bytes = 4 * Layout.of(prepare_model(create_base_model(spec.model), spec.lte.model_copy(update={"heads": 1}),
-                                               spec.seed)).factor_numel()
+    factor_bytes = 2 * factor_numel(run.spec_path)  # fp16 on the wire
     inner = [k for k in with_client if 1 <= k <= HEALTHY_ROUNDS - 2]
     sent = rounds[HEALTHY_ROUNDS]["bytes_sent"] - rounds[1]["bytes_sent"]
     assert sent >= len(inner) * 2 * factor_bytes, (sent, inner, factor_bytes)

@@ -11,6 +11,8 @@ Wire protocol (handler names are f"{namespace}::BlobServicer.rpc_*", so the clas
 - rpc_offer_blob (unary): uid=sha, metadata {"count", "nbytes"} -> {"status": "have" | "send" | "reject"}.
 - rpc_push_blob: request stream = header (uid=sha, metadata {"count", "kind", "round"}) then chunks;
   response {"status": "ok" | "error", "reason"}.
+- rpc_dial_back (unary, served by nodes that accept pushes): metadata {"maddrs": [...]} -> {"reachable": [...]},
+  the addresses to which a fresh TCP connection opened (how a peer learns whether it must run in client mode).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ from lte.net.procs import forget_at_exit, stop_at_exit
 __all__ = ["BlobService", "BlobServicer", "BlobStore", "DEFAULT_CHUNK_BYTES"]
 
 DEFAULT_CHUNK_BYTES = 2**20
+MAX_DIAL_BACK = 4  # addresses dialled per request: enough for a host's own, too few to be a port scanner
+DIAL_BACK_TIMEOUT_S = 3.0
 PeerLike = PeerID | str
 
 
@@ -143,12 +147,36 @@ class BlobServicer(ServicerBase):
         self.store.put_encoded(received.parts, kind=str(kind), round_id=round_id, sha=sha)
         return runtime_pb2.ExpertResponse(metadata=_pack(status="ok"))
 
+    async def rpc_dial_back(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        if not self.accept_push:
+            return runtime_pb2.ExpertResponse(metadata=_pack(reachable=[], reason="this node does not dial back"))
+        addrs = _meta(request).get("maddrs")
+        addrs = [a for a in addrs if isinstance(a, str)][:MAX_DIAL_BACK] if isinstance(addrs, list) else []
+        ok = await asyncio.gather(*(_tcp_reachable(a, DIAL_BACK_TIMEOUT_S) for a in addrs))
+        return runtime_pb2.ExpertResponse(metadata=_pack(reachable=[a for a, good in zip(addrs, ok) if good]))
+
     def _refusal(self, nbytes: Any) -> str | None:
         if not self.accept_push:
             return "this node does not accept pushed blobs"
         if not isinstance(nbytes, int) or nbytes > self.max_push_bytes:
             return f"blob size must be an int <= {self.max_push_bytes} bytes"
         return None
+
+
+async def _tcp_reachable(maddr: str, timeout: float) -> bool:
+    """Whether a fresh TCP connection to `maddr` (/ip4|ip6|dns*/HOST/tcp/PORT/...) opens. A fresh one on
+    purpose: the libp2p connection the asking peer opened to us would answer even from behind NAT."""
+    parts = maddr.split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp":
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts[2], int(parts[4])), timeout)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def _daemon_maddr(_dht: hivemind.DHT, node: Any) -> Any:
@@ -257,14 +285,7 @@ class BlobService:
             local = self.store.get(sha)
             if local is not None:
                 return await asyncio.to_thread(decode, local.parts)
-            try:
-                parts = await asyncio.wait_for(self._download(_as_peer(peer), sha, kind), timeout)
-            except BlobFetchError:
-                raise
-            except asyncio.TimeoutError:
-                raise BlobTimeout(f"blob {sha[:12]} from {peer}: no complete answer within {timeout:.1f} s") from None
-            except Exception as e:
-                raise BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}") from e
+            parts = await self._download_retrying(_as_peer(peer), sha, kind, timeout)
             if await asyncio.to_thread(digest, parts) != sha:
                 raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
             if keep:
@@ -272,6 +293,25 @@ class BlobService:
             return await asyncio.to_thread(decode, parts)
 
         return await asyncio.gather(*(one(peer, sha) for peer, sha in requests), return_exceptions=True)
+
+    async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float) -> list[runtime_pb2.Tensor]:
+        """`_download` within `timeout`, tried again while time is left when the stream broke off: on a loaded
+        machine a libp2p stream occasionally ends early, and a round should not lose a member for it. A peer that
+        says it lacks the blob is not asked again."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(self._download(peer, sha, kind), max(left, 0.0))
+            except BlobNotFound:
+                raise
+            except asyncio.TimeoutError:
+                raise BlobTimeout(f"blob {sha[:12]} from {peer}: no complete answer within {timeout:.1f} s") from None
+            except Exception as e:
+                err = e if isinstance(e, BlobFetchError) else BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}")
+                if deadline - asyncio.get_running_loop().time() < 1.0:
+                    raise err from e
+                await asyncio.sleep(0.2)
 
     async def _download(self, peer: PeerID, sha: str, kind: str) -> list[runtime_pb2.Tensor]:
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
@@ -306,6 +346,28 @@ class BlobService:
             raise NetworkError(f"push of blob {sha[:12]} to {peer}: no answer within {timeout:.1f} s") from None
         except Exception as e:
             raise NetworkError(f"push of blob {sha[:12]} to {peer}: {one_line(e)}") from e
+
+    def dial_back(self, peer: PeerLike, maddrs: Sequence[str], *, timeout: float = 15.0) -> list[str]:
+        """Ask `peer` (a node that accepts pushes: the coordinator) which of `maddrs` it can open a new TCP
+        connection to. An empty answer means nobody can connect to us: we are behind NAT or a firewall.
+        Raises NetworkError when `peer` does not answer."""
+        request = runtime_pb2.ExpertRequest(metadata=_pack(maddrs=list(maddrs)))
+
+        async def ask() -> list[str]:
+            stub = BlobServicer.get_stub(self._p2p, _as_peer(peer), namespace=self.namespace)
+            answer = _meta(await stub.rpc_dial_back(request))
+            if answer.get("reason"):
+                raise NetworkError(f"{peer} {answer['reason']}")
+            return [a for a in answer.get("reachable", []) if isinstance(a, str)]
+
+        try:
+            return self._loop.run(asyncio.wait_for(ask(), timeout), timeout + 1.0)
+        except asyncio.TimeoutError:
+            raise NetworkError(f"dial-back from {peer}: no answer within {timeout:.1f} s") from None
+        except NetworkError:
+            raise
+        except Exception as e:
+            raise NetworkError(f"dial-back from {peer}: {one_line(e)}") from e
 
     async def _push(self, peer: PeerID, sha: str, blob: Any) -> bool:
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)

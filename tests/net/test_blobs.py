@@ -25,7 +25,8 @@ def trio():
         services.append(BlobService(dhts[0], "test", accept_push=True, max_push_bytes=64 * 2**20))
         services.append(BlobService(dhts[1], "test"))
         services.append(BlobService(dhts[2], "test"))
-        yield SimpleNamespace(hub=services[0], server=services[1], client=services[2])
+        yield SimpleNamespace(hub=services[0], server=services[1], client=services[2],
+                              server_maddrs=visible_maddrs(dhts[1]))
     finally:
         for service in services:
             service.close()
@@ -188,3 +189,45 @@ def test_dropped_round_is_no_longer_served(trio):
     with pytest.raises(BlobNotFound):
         trio.hub.fetch(trio.server.peer_id, sha, kind="t_gc", timeout=30)
     assert _equal(trio.hub.fetch(trio.server.peer_id, later, kind="t_gc", timeout=30), decode(encode(_tensors(8))))
+
+
+class _BreaksOffOnce(list):
+    """Parts of a blob whose first transfer dies after the first part (a libp2p stream that ends early)."""
+
+    broke = False
+
+    def __iter__(self):
+        it = super().__iter__()
+        yield next(it)
+        if not _BreaksOffOnce.broke:
+            _BreaksOffOnce.broke = True
+            raise ConnectionResetError("stream reset")
+        yield from it
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_that_breaks_off_is_fetched_again_within_the_timeout(trio, monkeypatch):
+    tensors = _tensors(11)
+    sha = trio.server.put(tensors, kind="t_flaky")
+    blob = trio.server.store.get(sha)
+    flaky = SimpleNamespace(parts=_BreaksOffOnce(blob.parts), kind=blob.kind, nbytes=blob.nbytes)
+    store = trio.server.store
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda key: flaky if key == sha else real_get(key))
+    assert _equal(trio.hub.fetch(trio.server.peer_id, sha, kind="t_flaky", timeout=30), tensors)
+    assert _BreaksOffOnce.broke  # the first transfer really broke off
+
+
+@pytest.mark.timeout(120)
+def test_dial_back_tells_reachable_from_unreachable_addresses(trio):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        closed = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}"
+    server_addrs = trio.server_maddrs
+    assert server_addrs
+    assert trio.client.dial_back(trio.hub.peer_id, server_addrs + [closed, "/ip4/127.0.0.1/udp/1"]) == server_addrs
+    assert trio.client.dial_back(trio.hub.peer_id, [closed]) == []
+    with pytest.raises(NetworkError, match="does not dial back"):  # only nodes that accept pushes do
+        trio.client.dial_back(trio.server.peer_id, server_addrs, timeout=10)
