@@ -5,9 +5,11 @@ HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 DEPS := $(VENV)/.deps-$(HASH)
 # The editable install records this checkout's path, so a venv shared between clones (CI's cache) is re-linked.
 LINK := .linked-$(HASH)
+# The benchmarks' extra (matplotlib) goes in only for `make bench*`: `make test` does not need it.
+BENCH := $(VENV)/.bench-$(HASH)
 BIN := $(VENV)/bin
 
-.PHONY: demo test sim install clean
+.PHONY: demo test sim install clean bench bench-quick
 
 install: $(LINK)
 
@@ -26,6 +28,18 @@ demo: $(LINK)
 
 test: $(LINK)
 	$(BIN)/python -m pytest -q
+
+$(BENCH): $(LINK)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	@touch $@
+
+# All benchmarks on CPU (about 30 minutes on 2 cores); results/bench/, recorded in docs/benchmarks.md.
+bench: $(BENCH)
+	$(BIN)/python benchmarks/run.py
+
+# The same with fewer steps and seeds (under 5 minutes); its numbers are labelled QUICK.
+bench-quick: $(BENCH)
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .linked-* runs results

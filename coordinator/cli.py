@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--fetch-timeout", type=float, default=20.0, help="deadline for a member's blobs")
     s.add_argument("--eval-every", type=int, default=1, help="evaluate every K rounds")
     s.add_argument("--checkpoint-every", type=int, default=5, help="write a checkpoint every K rounds")
+    s.add_argument("--keep-last", type=int, default=5, help="keep the last K checkpoints (and those of --keep-every)")
+    s.add_argument("--keep-every", type=int, default=100,
+                   help="also keep the checkpoint of every M-th round for good (0: none)")
     s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
     s.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                    help="how merged layers travel between peers: the cheaper per layer (auto), or one forced")
@@ -53,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                                   http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
                                   fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
                                   checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds,
-                                  min_peers=args.min_peers, paths=args.paths)
+                                  min_peers=args.min_peers, paths=args.paths, keep_last=args.keep_last,
+                                  keep_every=args.keep_every)
         coord = Coordinator(spec, opts)
         if args.http_port is not None:
             from coordinator.metrics import coordinator_registry
-            server = StatusServer(args.host, args.http_port, coord.status, coordinator_registry(coord))
+            server = StatusServer(args.host, args.http_port, coord.status, coordinator_registry(coord),
+                                  checkpoints=coord.checkpoints)
             print(f"status: http://{args.host}:{server.port}/status.json  metrics: http://{args.host}:{server.port}/metrics",
                   flush=True)
         print(f"run {spec.run} (spec {coord.spec_hash[:12]}) coordinator {coord.peer_id}", flush=True)
@@ -86,13 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NetworkError, OSError) as err:
         print(f"lte-coordinator: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, SystemExit) as stop:  # SIGINT, or SIGTERM (lte.net.procs): leave nothing unsaved
+        if coord is not None:
+            stopped_at(coord, args.json)
+        return 130 if isinstance(stop, KeyboardInterrupt) else stop.code
     finally:
         if server is not None:
             server.close()
         if coord is not None:
             coord.close()
+
+
+def stopped_at(coord, as_json: bool) -> None:
+    """Checkpoint the current round before leaving, so that `start` on the same directory loses nothing."""
+    try:
+        final = coord.save_checkpoint()
+    except Exception as err:  # noqa: BLE001 (leaving anyway: say why nothing was saved, in one line)
+        print(f"lte-coordinator: error: final checkpoint not saved: {err}", file=sys.stderr, flush=True)
+        return
+    print(json.dumps({"event": "stopped", "round": coord.round, "checkpoint": str(final)}) if as_json
+          else f"stopped at round {coord.round}; checkpoint {final}", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                     help="how merged layers travel between peers (see lte-coordinator start --help)")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    ap.add_argument("--logs", type=Path, help="keep every process's log and JSON events here (default: a temp dir)")
     return ap.parse_args(argv)
 
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         print(f"lte-demo: error: config file {args.config} does not exist", file=sys.stderr)
         return 2
-    logs = Path(tempfile.mkdtemp(prefix="lte-demo-logs-"))
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="lte-demo-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     events: queue.Queue = queue.Queue()
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -1,14 +1,24 @@
-"""Prometheus metrics of the coordinator, collected from its live state at scrape time (never out of date)."""
+"""Prometheus metrics of the coordinator (served at /metrics on its HTTP port; see docs/metrics.md).
+
+Gauges and totals are collected from the coordinator's live state at scrape time, so they are never out of date;
+what only exists as an event (a round's duration, a rejected contribution) is recorded by `CoordinatorMetrics`.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lte.net.metrics import RoundEvents, run_info, traffic_families
+
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
+
+# Why the coordinator leaves a member out of a round (see Coordinator.run_round).
+REJECT_REASONS = ("fetch_failed", "blob_hash_mismatch", "spec_mismatch", "no_samples")
+MERGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
 class CoordinatorCollector(Collector):
@@ -17,28 +27,48 @@ class CoordinatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.coord
+        yield run_info(c.run, c.spec_hash)
         yield GaugeMetricFamily("lte_round", "Current base version (rounds merged)", value=c.round)
         last = c.history[-1] if c.history else {}
         yield GaugeMetricFamily("lte_round_peers", "Peers merged in the last round", value=last.get("peers", 0))
+        peers = list(c.peers.values())  # one C-level copy: run_round may add peers while we read
+        yield GaugeMetricFamily("lte_live_peers", "Peers merged in any of the last 3 rounds",
+                                value=sum(p.last_round >= c.round - 3 for p in peers))
         if last.get("mean_loss") is not None:
             yield GaugeMetricFamily("lte_local_loss", "Mean local training loss reported in the last round",
                                     value=last["mean_loss"])
-        if c.evaluation:
+        evaluation = c.evaluation
+        if evaluation:
+            yield GaugeMetricFamily("lte_eval_round", "Round of the base the last evaluation ran on",
+                                    value=evaluation["round"])
             yield GaugeMetricFamily("lte_eval_accuracy_ratio", "Test accuracy of the base (fraction)",
-                                    value=c.evaluation["test_accuracy"])
-            yield GaugeMetricFamily("lte_eval_loss", "Test loss of the base", value=c.evaluation["test_loss"])
-        yield CounterMetricFamily("lte_samples", "Samples contributed by all peers",
-                                  value=sum(p.samples for p in c.peers.values()))
-        for name, data in (("lte_received_bytes", c.blobs.traffic.received), ("lte_sent_bytes", c.blobs.traffic.sent)):
-            fam = CounterMetricFamily(name, f"Payload bytes {name.split('_')[1]} over p2p, by kind of tensor",
-                                      labels=["kind"])
-            for kind, v in sorted(data.items()):
-                fam.add_metric([kind], v)
-            yield fam
+                                    value=evaluation["test_accuracy"], unit="ratio")
+            yield GaugeMetricFamily("lte_eval_loss", "Test loss (cross-entropy) of the base",
+                                    value=evaluation["test_loss"])
+        yield CounterMetricFamily("lte_samples", "Training samples merged into the base, all peers",
+                                  value=sum(p.samples for p in peers))
+        yield from traffic_families(c.blobs.traffic if c.blobs is not None else None)
         yield CounterMetricFamily("lte_checkpoint_saves", "Checkpoints written", value=c.checkpoints_saved)
 
 
+class CoordinatorMetrics:
+    """The coordinator's registry: live state (`CoordinatorCollector`) plus round events."""
+
+    def __init__(self, coord: "Coordinator"):
+        self.registry = CollectorRegistry()
+        self.rounds = RoundEvents(self.registry, REJECT_REASONS)
+        self.merge_duration = Histogram("lte_merge_duration_seconds",
+                                        "Seconds from a round's membership agreement to its commit (fetch + merge)",
+                                        buckets=MERGE_BUCKETS, registry=self.registry)
+        self.registry.register(CoordinatorCollector(coord))
+
+    def committed(self, merge_seconds: float) -> None:
+        self.merge_duration.observe(merge_seconds)
+        self.rounds.base_changed(merged=True)
+
+    def reject(self, reason: str) -> None:
+        self.rounds.reject(reason)
+
+
 def coordinator_registry(coord: "Coordinator") -> CollectorRegistry:
-    reg = CollectorRegistry()
-    reg.register(CoordinatorCollector(coord))
-    return reg
+    return coord.metrics.registry

@@ -7,8 +7,8 @@ hash) that every peer follows, so all participants merge exactly the same contri
 from __future__ import annotations
 
 import copy
-import json
-import shutil
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +18,18 @@ import torch
 from hivemind.utils import get_dht_time
 
 import lte
-from lte.checkpoint import state_bytes, state_hash
+from lte.checkpoint import CheckpointError, CheckpointMeta, state_hash
 from lte.config import RunSpec
 from lte.data import load_datasets
 from lte.lora import prepare_model
 from lte.merge import apply_update
 from lte.models import create_base_model
-from lte.net import GroupNotFound
+from lte.net import GroupNotFound, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
+from lte.net.metrics import fetch_failure_reason
 from lte.net.node import shutdown_node, start_dht, visible_maddrs
+from lte.net.procs import signals_deferred
 from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
                               publish_base_hash, publish_signed, read, read_base_hashes)
 from lte.merge import merge_contributions
@@ -35,6 +37,10 @@ from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, alive_key, as_dense,
                             fetch_contributions, round_dense_layers, run_prefix, spec_key)
 from lte.train import evaluate
 from lte.wire import Layout
+
+from coordinator.checkpoints import ADDRESS_FILE, CheckpointPublisher, CheckpointStore, resume_fields
+from coordinator.curve import Curve
+from coordinator.metrics import CoordinatorMetrics
 
 
 @dataclass
@@ -52,6 +58,8 @@ class CoordinatorOptions:
     max_rounds: int | None = None
     min_peers: int = 1
     paths: str = "auto"  # auto | factors | dense: how merged layers travel between peers
+    keep_last: int = 5  # checkpoints: keep the last K, every M-th round, and always `latest`
+    keep_every: int = 100
 
 
 @dataclass
@@ -68,6 +76,9 @@ class Coordinator:
         opts.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.key = load_or_create_private_key(opts.identity or opts.checkpoint_dir / "coordinator.key")
         self.owner = owner_tag(self.key)
+        # before anything slow: a checkpoint directory of another run is refused at once
+        self.checkpoints = CheckpointStore(opts.checkpoint_dir, opts.keep_last, opts.keep_every)
+        resumed = resume_fields(self.checkpoints, self.spec_hash, self.owner)
         torch.manual_seed(spec.seed)
         self.eval_model = create_base_model(spec.model).eval()
         self.base: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.eval_model.state_dict().items()}
@@ -77,24 +88,68 @@ class Coordinator:
         self.round = 0
         self.base_hash = state_hash(self.base)
         self.peers: dict[str, PeerStats] = {}
+        self.metrics = CoordinatorMetrics(self)
+        self.curve = Curve()
         self.evaluation: dict[str, Any] | None = None
-        self.evaluate()  # round 0 too, so a run's curve starts at the untrained model
         self.history: list[dict[str, Any]] = []
+        self.merges: list[dict[str, Any]] = []  # merged rounds since the last checkpoint: {"round", "samples"}
         self.finished = False
         self.checkpoints_saved = 0
+        if resumed is not None:
+            self._resume(resumed[1], resumed[2])
+        else:
+            self.evaluate()  # round 0 too, so a run's curve starts at the untrained model
+            self.curve.add(self.round, None, self.evaluation["test_accuracy"], self.evaluation["test_loss"])
+        # A new id per coordinator life, in the base and commit records: a coordinator resumed from an older
+        # checkpoint commits rounds again, and peers must not take the earlier life's commit of the same round.
+        self.epoch = secrets.token_hex(8)
         self.dht = self.blobs = self.members = None
         try:
-            self.dht = start_dht([], host=opts.host, port=opts.port, identity_path=str(opts.checkpoint_dir / "p2p.id"),
-                                 validators=default_validators(self.key))
+            self.dht = self._start_dht(resumed is not None)
             self.peer_id = self.dht.peer_id.to_base58()
             self.blobs = BlobService(self.dht, namespace=run_prefix(self.run), accept_push=True)
             self.members = Membership(self.dht, prefix=run_prefix(self.run))
             self.next_close = get_dht_time() + opts.round_seconds
+            self.publisher = CheckpointPublisher(self.dht, self.blobs, self.run, self.owner)
             self.publish_spec()
-            self.publish_base()
+            self.publish_base()  # and the checkpoint record: a resumed coordinator serves its checkpoints at once
+            (opts.checkpoint_dir / ADDRESS_FILE).write_text(self.join_addr() + "\n")
         except BaseException:
             self.close()  # a half-started node must not leave DHT or p2pd processes behind
             raise
+
+    def _resume(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None:
+        """Continue the run from its latest checkpoint: base, round, peer stats, history, evaluation."""
+        if set(state) != set(self.base):
+            raise CheckpointError(f"checkpoint round {meta.round} does not hold this run's model (other tensor names)")
+        self.base = {k: state[k] for k in self.base}
+        self.round, self.base_hash = meta.round, meta.base_hash
+        self.peers = {pid: PeerStats(**st) for pid, st in meta.peers.items()}
+        self.history = list(meta.history)
+        self.evaluation = meta.evaluation
+        for point in getattr(meta, "curve", None) or []:
+            self.curve.add(point["round"], point.get("mean_loss"), point.get("test_accuracy"), point.get("test_loss"))
+        print(f"resumed run {self.run} at round {self.round} from {self.checkpoints.latest().path}", flush=True)
+
+    def _start_dht(self, resuming: bool):
+        """The run's first DHT node. Resuming with --port 0, it listens where it did before if it can: peers that
+        lost it know it only by that address (and its peer id, which p2p.id keeps)."""
+        port = self.opts.port
+        before = self.opts.checkpoint_dir / ADDRESS_FILE
+        if resuming and not port and before.is_file():
+            m = re.search(r"/tcp/(\d+)/", before.read_text())
+            port = int(m.group(1)) if m else 0
+        try:
+            return start_dht([], host=self.opts.host, port=port, identity_path=str(self.opts.checkpoint_dir / "p2p.id"),
+                             validators=default_validators(self.key))
+        except NetworkError as err:
+            if port == self.opts.port:
+                raise
+            # Not another port: the run's coordinator may still be running there, and two nodes with one peer id
+            # would split the run.
+            raise NetworkError(f"cannot listen again on port {port}, where this run's coordinator was ({err}): is it "
+                               "still running? Stop it, or pass --port (running peers will not find a new port)") \
+                from None
 
     # ----- records ------------------------------------------------------------------------------------------
     def join_addr(self) -> str:
@@ -111,8 +166,9 @@ class Coordinator:
         sha = self.blobs.put(base_to_tensors(self.base), kind=BASE, round_id=self.round)
         publish_signed(self.dht, base_key(self.run), {
             "round": self.round, "hash": self.base_hash, "blob": sha, "close": self.next_close,
-            "finished": self.finished, "min_size": self.opts.min_peers + 1,
+            "finished": self.finished, "min_size": self.opts.min_peers + 1, "epoch": self.epoch,
         }, self.owner, ttl=3600)
+        self.publisher.refresh(self.checkpoints)
 
     # ----- one round ----------------------------------------------------------------------------------------
     def run_round(self) -> dict[str, Any] | None:
@@ -131,21 +187,31 @@ class Coordinator:
         digests = {pid: Digest.from_dict(d) for pid, d in gathered.items() if pid != self.peer_id}
         accepted, contributions = {}, []
         for pid, d in sorted(digests.items()):
-            if d.coordinator or d.spec != self.spec_hash or d.n <= 0:
+            if d.coordinator:
+                continue
+            if d.spec != self.spec_hash or d.n <= 0:
+                self.metrics.reject("spec_mismatch" if d.spec != self.spec_hash else "no_samples")
                 continue
             try:
                 contributions += fetch_contributions(self.blobs, self.layout, {pid: d}, {pid: [pid]}, k,
                                                      self.opts.fetch_timeout, self.layout.layers)
                 accepted[pid] = d
             except Exception as err:  # a member that cannot deliver is left out, for everyone alike
+                self.metrics.reject(fetch_failure_reason(err))
                 print(f"round {k}: left out {pid[-8:]}: {err}", flush=True)
         dense = round_dense_layers(self.layout, accepted, self.opts.paths)
+        with signals_deferred():  # base, round and checkpoint change together: a SIGTERM waits until they have
+            return self._commit(k, t0, accepted, contributions, dense)
+
+    def _commit(self, k: int, t0: float, accepted: dict[str, Digest], contributions: list[Any],
+                dense: list[str]) -> dict[str, Any]:
         if contributions:
             contributions = [as_dense(c, dense) for c in contributions]
             apply_update(self.base, merge_contributions(contributions, self.spec.lte.scale))
             self.base_hash = state_hash(self.base)
         publish_signed(self.dht, commit_key(self.run, k), {
             "round": k, "members": {pid: d.to_dict() for pid, d in accepted.items()}, "hash": self.base_hash,
+            "epoch": self.epoch,
         }, self.owner, ttl=600)
         self.round = k + 1
         self.next_close = get_dht_time() + self.window([d.t for d in accepted.values()])
@@ -155,6 +221,8 @@ class Coordinator:
         for pid, d in accepted.items():
             st = self.peers.setdefault(pid, PeerStats())
             st.samples, st.rounds, st.last_round = st.samples + d.n, st.rounds + 1, k
+        if accepted:
+            self.merges.append({"round": self.round, "samples": {pid: d.n for pid, d in accepted.items()}})
         summary = {"round": self.round, "peers": len(accepted), "merge_s": time.perf_counter() - t0,
                    "dense_layers": len(dense),
                    "mean_loss": (sum(d.loss for d in accepted.values()) / len(accepted)) if accepted else None,
@@ -163,9 +231,11 @@ class Coordinator:
         if accepted and self.round % self.opts.eval_every == 0:
             self.evaluate()
             summary.update(test_accuracy=self.evaluation["test_accuracy"], test_loss=self.evaluation["test_loss"])
-        if self.round % self.opts.checkpoint_every == 0:
-            summary["checkpoint"] = str(self.save_checkpoint())
         self.history.append(summary)
+        self.metrics.committed(summary["merge_s"])
+        self.curve.add(self.round, summary["mean_loss"], summary.get("test_accuracy"), summary.get("test_loss"))
+        if self.round % self.opts.checkpoint_every == 0:  # last: its meta.json holds this round's history too
+            summary["checkpoint"] = str(self.save_checkpoint())
         return summary
 
     def window(self, member_times: list[float]) -> float:
@@ -204,31 +274,35 @@ class Coordinator:
         time.sleep(max(0.0, min(self.window([]), deadline - time.monotonic())))
 
     def save_checkpoint(self) -> Path:
-        """model.safetensors + meta.json in round-NNNNNN/, then `latest` is switched atomically."""
-        d = self.opts.checkpoint_dir / f"round-{self.round:06d}"
-        tmp = d.with_name(d.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "model.safetensors").write_bytes(state_bytes(self.base))
-        (tmp / "meta.json").write_text(json.dumps({
-            "run": self.run, "round": self.round, "base_hash": self.base_hash, "spec_hash": self.spec_hash,
-            "spec": self.spec.model_dump(mode="json"), "evaluation": self.evaluation, "created": time.time()}, indent=1))
-        if d.exists():
-            shutil.rmtree(d)
-        tmp.rename(d)
-        link = self.opts.checkpoint_dir / "latest.tmp"
-        link.unlink(missing_ok=True)
-        link.symlink_to(d.name)
-        link.replace(self.opts.checkpoint_dir / "latest")
+        """Checkpoint the current round (coordinator/checkpoints.py: atomic, signed, retention) and serve it."""
+        latest = self.checkpoints.latest()
+        if latest is not None and latest.round == self.round and latest.base_hash == self.base_hash:
+            return latest.path  # nothing new since (the final save right after a scheduled one)
+        saved = self.checkpoints.save(self.base, {
+            "run": self.run, "spec": self.spec.model_dump(mode="json"), "spec_hash": self.spec_hash,
+            "round": self.round, "base_hash": self.base_hash, "arch": self.spec.model.name,
+            "kwargs": self.spec.model.kwargs, "evaluation": self.evaluation, "merges": self.merges,
+            "peers": {pid: vars(st) for pid, st in self.peers.items()}, "history": self.history[-50:],
+            "curve": self.curve.points(),
+        }, self.key, self.owner)
+        self.merges = []
         self.checkpoints_saved += 1
-        return d
+        self.publisher.publish(self.checkpoints)
+        return saved.path
 
     def status(self) -> dict[str, Any]:
+        """What /status.json (and the status page built on it) shows; read from HTTP threads while rounds run."""
+        peers = list(self.peers.items())  # one C-level copy: run_round may add peers while we read
         return {"run": self.run, "spec_hash": self.spec_hash, "round": self.round, "base_hash": self.base_hash,
                 "coordinator": self.peer_id, "owner": fingerprint(self.owner),
                 "join": f"lte-peer join --dht {self.join_addr()}",
                 "peers": {pid: {"samples": st.samples, "rounds": st.rounds, "last_round": st.last_round}
-                          for pid, st in self.peers.items() if st.last_round >= self.round - 3},
-                "evaluation": self.evaluation, "history": self.history[-50:]}
+                          for pid, st in peers if st.last_round >= self.round - 3},
+                "leaderboard": [{"peer": pid, "samples": st.samples, "rounds": st.rounds, "last_round": st.last_round}
+                                for pid, st in sorted(peers, key=lambda p: (-p[1].samples, -p[1].rounds, p[0]))[:100]],
+                "spec": self.spec.model_dump(mode="json"), "curve": self.curve.points(),
+                "evaluation": self.evaluation, "history": self.history[-50:],
+                "checkpoints": self.checkpoints.listing()}
 
     def close(self) -> None:
         shutdown_node(self.members, self.blobs, dht=self.dht)

@@ -58,6 +58,9 @@ class OptimSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(50, ge=0)
     steps: int = Field(1500, gt=0)
+    # The DiLoCo baseline's outer optimizer (Nesterov SGD on the averaged deltas), the DiLoCo paper's values.
+    outer_lr: float = Field(0.7, gt=0)
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
 
 
 class RunSpec(_Strict):

@@ -1,11 +1,12 @@
 """One training loop for every method the simulator compares: full, lora, mhlora and lte.
 
-Read it top to bottom: build data and model, build AdamW, then step; LTE differs from the rest by one line, the
-merge every T steps.
+Read it top to bottom: build data and model, build AdamW, then step; LTE (and the DiLoCo baseline) differ from the
+rest by one line, the merge every T steps.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Any, Iterable, Literal
@@ -21,8 +22,8 @@ from lte.data import batches, eval_loader, load_datasets
 from lte.lora import LTEModel, head_seed, mhlora_model, prepare_model
 from lte.models import create_base_model
 
-Method = Literal["full", "lora", "mhlora", "lte"]
-METHODS: tuple[str, ...] = ("full", "lora", "mhlora", "lte")
+Method = Literal["full", "lora", "mhlora", "lte", "diloco"]
+METHODS: tuple[str, ...] = ("full", "lora", "mhlora", "lte", "diloco")
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -33,10 +34,52 @@ def warmup_cosine(warmup: int, total: int):
     return f
 
 
+class DiLoCoModel(nn.Module):
+    """The DiLoCo-style baseline (Douillard et al., 2023): N workers each train a full dense copy on their B/N slice
+    of the batch; every T steps the group averages the dense parameter deltas and applies them to the shared model
+    with an outer Nesterov SGD, then every worker restarts from the new shared model.
+
+    It uses LTE's data conventions (one cumulative batch split across `lte.heads` workers, T = `lte.merge_every`),
+    so the two differ only in what a worker trains and sends: a dense copy instead of low-rank factors.
+    """
+
+    def __init__(self, model: nn.Module, workers: int, outer_lr: float, outer_momentum: float):
+        super().__init__()
+        self.heads = workers
+        self.workers = nn.ModuleList(copy.deepcopy(model) for _ in range(workers))
+        self.net = model  # the shared model: what eval sees and the outer optimizer updates
+        self.net.requires_grad_(False)  # only ever changed by the outer step, never by backprop
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
+        self.outer: torch.optim.Optimizer | None = None  # built at the first merge, after .to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.net(x)
+        if x.shape[0] % self.heads:
+            raise ValueError(f"batch of {x.shape[0]} does not split across {self.heads} workers")
+        return torch.stack([w(xi) for w, xi in zip(self.workers, x.chunk(self.heads))])
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Outer step: the outer gradient is shared minus the workers' mean (DiLoCo's "pseudo-gradient")."""
+        shared = list(self.net.parameters())
+        if self.outer is None:
+            self.outer = torch.optim.SGD(shared, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=True)
+        for g, *ws in zip(shared, *(w.parameters() for w in self.workers)):
+            g.grad = g - torch.stack(ws).mean(0)
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        for w in self.workers:
+            for wp, g in zip(w.parameters(), shared):
+                wp.copy_(g)
+
+
 def build_model(spec: RunSpec, method: Method) -> nn.Module:
     base = create_base_model(spec.model)
     if method == "full":
         return base
+    if method == "diloco":
+        return DiLoCoModel(base, spec.lte.heads, spec.optim.outer_lr, spec.optim.outer_momentum)
     if method == "lora":
         return prepare_model(base, spec.lte.model_copy(update={"heads": 1}), spec.seed)
     if method == "mhlora":
@@ -47,6 +90,8 @@ def build_model(spec: RunSpec, method: Method) -> nn.Module:
 def param_groups(model: nn.Module, spec: RunSpec, method: Method) -> list[dict[str, Any]]:
     """AdamW groups. Decay applies to matrices (LoRA factors, dense weights), not to norms, biases or tokens."""
     o = spec.optim
+    if isinstance(model, DiLoCoModel):
+        model = model.workers  # the inner AdamW trains the workers; the outer SGD owns the shared copy
     if not isinstance(model, LTEModel):
         mats = [p for p in model.parameters() if p.dim() >= 2 and p.numel() > p.shape[-1]]
         rest = [p for p in model.parameters() if not (p.dim() >= 2 and p.numel() > p.shape[-1])]
@@ -103,7 +148,7 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
     opt = torch.optim.AdamW(param_groups(model, spec, method), betas=spec.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
     stream: Iterable = batches(train_ds, spec.data.batch_size, spec.seed)
-    heads = model.heads if isinstance(model, LTEModel) else 1
+    heads = model.heads if isinstance(model, (LTEModel, DiLoCoModel)) else 1
     losses, evals, merges = [], [], 0
     t0 = time.perf_counter()
     bar = tqdm(range(spec.optim.steps), desc=method, disable=not progress, dynamic_ncols=True)
@@ -117,7 +162,7 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
         loss.backward()
         opt.step()
         sched.step()
-        if method == "lte" and (step + 1) % spec.lte.merge_every == 0:
+        if method in ("lte", "diloco") and (step + 1) % spec.lte.merge_every == 0:
             model.merge()
             merges += 1
         losses.append(loss.item() / heads)

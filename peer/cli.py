@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import warnings
+from pathlib import Path
 
 # hivemind 1.1.12 calls torch.jit.script when it is imported, and recent torch answers with a two-line
 # FutureWarning on stderr; a failing command must print only its own one-line error there.
@@ -39,16 +40,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs of a port-forwarded host")
     j.add_argument("--host", default="127.0.0.1", help="address to listen on")
     j.add_argument("--port", type=int, default=0)
+    j.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port of --host (0: any free port)")
     j.add_argument("--identity", help="file that keeps this peer's id stable (created if missing)")
     j.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     j.add_argument("--no-progress", action="store_true")
     j.add_argument("--json", action="store_true", help="print one JSON object per event")
+    d = sub.add_parser("download", help="download a verified checkpoint of the run (no training, no data)")
+    d.add_argument("--dht", required=True, help="the coordinator's multiaddr, as printed by lte-coordinator")
+    d.add_argument("--round", type=int, help="the checkpoint of this round (default: the latest)")
+    d.add_argument("--out", required=True, type=Path, help="directory to put round-NNNNNN/ in (created if missing)")
+    d.add_argument("--host", default="127.0.0.1", help="address of the local DHT node")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds to find the run and its checkpoint list")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--json", action="store_true", help="print one JSON object when done")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()
+    if args.command == "download":
+        from peer import download
+        return download.main(args)
     from peer.service import Peer, PeerOptions
 
     name = args.name or "peer"
@@ -57,15 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"name": name, **event}), flush=True)
         elif event["event"] == "round":
-            print(f"[{name}] round {event['round']:4d}  peers {event['peers']}  loss {event['loss']:.4f}  "
+            loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # None: followed the round, no training
+            print(f"[{name}] round {event['round']:4d}  peers {event['peers']}  loss {loss}  "
                   f"base {event['base_hash'][:12]}  received {sum(event['bytes_received'].values())} B", flush=True)
         else:
             print(f"[{name}] {event['event']} at round {event.get('round')}", flush=True)
 
-    peer = None
+    peer = server = None
     try:
         if args.batch_size is not None and args.batch_size <= 0:
             raise ConfigError("--batch-size must be positive")
+        from peer.metrics import PeerMetrics
+        metrics = PeerMetrics()
+        if args.metrics_port is not None:
+            if not 0 <= args.metrics_port <= 65535:
+                raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port")
+            server = metrics.serve(args.host, args.metrics_port)
+            url = f"http://{args.host}:{server.port}/metrics"
+            print(json.dumps({"name": name, "event": "metrics", "url": url}) if args.json
+                  else f"[{name}] metrics: {url}", flush=True)
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
@@ -73,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                            batch_size=args.batch_size, device=args.device, name=args.name, max_rounds=args.max_rounds,
                            client_mode=args.client_mode, announce_maddrs=tuple(args.announce_maddrs),
                            identity=args.identity, host=args.host, port=args.port, progress=not args.no_progress)
-        peer = Peer(opts, log)
+        peer = Peer(opts, log, metrics)
         peer.run_forever()
         return 0
-    except (ConfigError, NetworkError) as err:
+    except (ConfigError, NetworkError, OSError) as err:
         print(f"lte-peer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -84,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if peer is not None:
             peer.close()
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":

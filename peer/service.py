@@ -24,7 +24,7 @@ from lte.models import create_base_model
 from lte.net import GroupNotFound, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
-from lte.net.node import shutdown_node, start_dht, visible_maddrs
+from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
 from lte.net.records import publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
@@ -33,6 +33,8 @@ from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, alive_key,
                             run_prefix, spec_key)
 from lte.train import HeadTrainer
 from lte.wire import Layout, pack_factors, pack_replicas
+
+from peer.metrics import PeerMetrics
 
 
 RETRY_S = 60.0
@@ -61,16 +63,33 @@ class PeerOptions:
     join_timeout: float = 30.0
 
 
+def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
+    """The run record signed by the coordinator we were pointed at (its peer id is in the --dht address): its
+    owner tag (the key every later record of the run must be signed with) and its value (spec, settings)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in read_signed_all(dht, spec_key(coordinator)).values()
+                 if isinstance(r.value, dict) and r.value.get("coordinator") == coordinator]
+        if len(found) > 1:
+            raise NetworkError(f"several signed records claim coordinator {coordinator}: refusing to guess")
+        if found:
+            return found[0].owner, found[0].value
+        if time.monotonic() > deadline:
+            raise NetworkError(f"no run record from coordinator {coordinator} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 class Peer:
-    def __init__(self, opts: PeerOptions, log: Callable[[dict[str, Any]], None]):
+    def __init__(self, opts: PeerOptions, log: Callable[[dict[str, Any]], None], metrics: PeerMetrics | None = None):
         self.opts, self.log = opts, log
+        self.metrics = metrics or PeerMetrics()
         self.dht = self.blobs = self.members = None
         try:
             self.dht = start_dht([opts.dht], host=opts.host, port=opts.port, client_mode=opts.client_mode,
                                  announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity)
             self.peer_id = self.dht.peer_id.to_base58()
             self.coordinator = opts.dht.rsplit("/p2p/", 1)[-1]
-            self.owner, record = self._find_run()
+            self.owner, record = find_run(self.dht, self.coordinator, opts.join_timeout)
             self.spec: RunSpec = self._check_spec(record)
             self.run = self.spec.run
             self.wire = record.get("wire", "raw")
@@ -85,6 +104,7 @@ class Peer:
             self.trainer = HeadTrainer(self.spec, create_base_model(self.spec.model), self.peer_id,
                                        shard(train_set, idx, count, self.spec.seed), batch, opts.device)
             self.layout = Layout.of(self.trainer.model)
+            self.metrics.joined(self.run, self.spec.spec_hash(), lambda: self.blobs.traffic if self.blobs else None)
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
             self.resync()
         except BaseException:
@@ -92,20 +112,6 @@ class Peer:
             raise
 
     # ----- joining ------------------------------------------------------------------------------------------
-    def _find_run(self) -> tuple[bytes, dict[str, Any]]:
-        """The run record signed by the coordinator we were pointed at (its peer id is in the --dht address)."""
-        deadline = time.monotonic() + self.opts.join_timeout
-        while True:
-            found = [r for r in read_signed_all(self.dht, spec_key(self.coordinator)).values()
-                     if isinstance(r.value, dict) and r.value.get("coordinator") == self.coordinator]
-            if len(found) > 1:
-                raise NetworkError(f"several signed records claim coordinator {self.coordinator}: refusing to guess")
-            if found:
-                return found[0].owner, found[0].value
-            if time.monotonic() > deadline:
-                raise NetworkError(f"no run record from coordinator {self.coordinator} within {self.opts.join_timeout:.0f} s")
-            time.sleep(0.5)
-
     def _check_spec(self, record: dict[str, Any]) -> RunSpec:
         if record.get("protocol") != PROTOCOL_VERSION:
             raise ConfigError(f"run speaks protocol {record.get('protocol')}, this lte-peer speaks {PROTOCOL_VERSION}: "
@@ -161,12 +167,14 @@ class Peer:
 
     def resync(self) -> None:
         """Download the current base from the coordinator; unmerged progress is dropped."""
+        reconnect(self.dht, self.opts.dht)  # out of step: the coordinator may have restarted, make sure we see it
         rec = self._base_record()
         tensors = self.blobs.fetch(self.coordinator, rec["blob"], kind=BASE, timeout=max(60.0, self.fetch_timeout))
         state = base_from_tensors(self.trainer.model.state_keys, tensors)
         if state_hash(state) != rec["hash"]:
             raise NetworkError("downloaded base does not match the coordinator's signed hash")
         self._set_base(state, int(rec["round"]), None)
+        self.metrics.resynced(self.round)
         self.log({"event": "resync", "round": self.round, "base_hash": rec["hash"]})
 
     def _set_base(self, state, round_id: int, sent_sha: str | None) -> None:
@@ -191,18 +199,13 @@ class Peer:
         self.train_seconds = time.perf_counter() - t0
         self.samples += n
         self.losses.append(loss)
+        self.metrics.trained(n, self.spec.lte.merge_every, self.train_seconds, loss)
 
     def join_round(self) -> bool:
         """Take part in round `self.round`. Returns True when it merged, False when it had to resync."""
         k = self.round
-        rec = self._base_record()
-        if rec.get("finished"):
-            raise RunFinished()
-        # Announce our training time before anything else: a peer that keeps arriving after its round closed
-        # (a late joiner, a slow machine) is exactly the one the coordinator must widen the window for.
-        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
-        if int(rec["round"]) != k:
-            self.resync()
+        rec = self._open_round()
+        if rec is None:
             return False
         f_sha = self._put_own_factors(k)
         r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
@@ -225,6 +228,7 @@ class Peer:
         if self.coordinator not in gathered:
             # No round happened for us. If the base has not moved on, keep the progress and try again after more
             # local steps (the samples count grows, so the merge weights it fairly); otherwise catch up.
+            reconnect(self.dht, self.opts.dht)  # the coordinator may have restarted: find it again
             if int(self._base_record()["round"]) != k:
                 self.resync()
             return False
@@ -232,6 +236,47 @@ class Peer:
         if commit is None:
             self.resync()
             return False
+        return self._apply_commit(k, commit, f_sha, mean_loss, close)
+
+    def _open_round(self) -> dict[str, Any] | None:
+        """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
+        rec = self._base_record()
+        if rec.get("finished"):
+            raise RunFinished()
+        # Announce our training time before anything else: a peer that keeps arriving after its round closed
+        # (a late joiner, a slow machine) is exactly the one the coordinator must widen the window for.
+        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
+        if int(rec["round"]) != self.round:
+            self.resync()
+            return None
+        return rec
+
+    def follow_round(self) -> bool:
+        """Catch up without training: merge round k's commit as a non-member. Right after a resync the current
+        round's window has usually partly gone by; T local steps would then finish after it closes and be thrown
+        away at the next resync, over and over. Following the commit instead lands us at the start of the next
+        window, like everyone else (the issue's "contributes nothing in its first round")."""
+        k = self.round
+        rec = self._open_round()
+        if rec is None:
+            return False
+        close = float(rec["close"])
+        commit = self._wait_commit(k, close - get_dht_time())
+        if commit is None:
+            self.resync()
+            return False
+        return self._apply_commit(k, commit, None, None, close)
+
+    def _behind_schedule(self) -> bool:
+        """True right after a resync when our last T steps took longer than what is left of the round's window."""
+        if self.samples or not self.train_seconds:
+            return False
+        return float(self._base_record()["close"]) - get_dht_time() < 1.1 * self.train_seconds
+
+    def _apply_commit(self, k: int, commit: dict[str, Any], f_sha: str | None, mean_loss: float | None,
+                      close: float) -> bool:
+        """Merge the committed members of round k into our base (our own factors are blob `f_sha` when we
+        contributed) and check the result against the committed hash."""
         members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
         sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
         before = dict(self.blobs.traffic.received)
@@ -240,20 +285,24 @@ class Peer:
         if members:
             state = self._merge_committed(k, members, sources, f_sha, state)
         self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
+        self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
         h = state_hash(model.base_state_dict())
         if h != commit["hash"]:
+            self.metrics.reject("hash_mismatch")
             self.log({"event": "hash_mismatch", "round": k + 1, "ours": h, "committed": commit["hash"]})
             self.resync()
             return False
         publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h)
         received = {kind: v - before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
         self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
+                  "followed": f_sha is None, "latency_s": get_dht_time() - close,
+                  "samples": members[self.peer_id].n if self.peer_id in members else 0,
                   "loss": mean_loss, "base_hash": h, "bytes_received": received,
                   "bytes_sent_total": dict(self.blobs.traffic.sent)})
         self.blobs.store.drop_rounds_before(k - 1)
         return True
 
-    def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str,
+    def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str | None,
                          state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The base after round k: factor-path layers and replicas from the members' blobs, dense-path layers by
         owner-computes reduce (falling back to factors, which give the same bytes, if any owner fails)."""
@@ -282,12 +331,22 @@ class Peer:
         except NetworkError:
             return False
 
-    def _wait_commit(self, k: int) -> dict[str, Any] | None:
-        deadline = time.monotonic() + self.fetch_timeout + 10.0
+    def _wait_commit(self, k: int, until_close_s: float = 0.0) -> dict[str, Any] | None:
+        deadline = time.monotonic() + max(0.0, until_close_s) + self.fetch_timeout + 10.0
+        # A coordinator resumed from an older checkpoint commits round k again: only its current life's commit counts.
+        # And once the base record shows a new life, or a new window for round k, no commit is coming for ours.
+        base = self._base_record()
+        check_base_at = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             rec = read_signed(self.dht, commit_key(self.run, k), self.owner)
-            if rec is not None and isinstance(rec.value, dict) and rec.value.get("round") == k:
+            if (rec is not None and isinstance(rec.value, dict) and rec.value.get("round") == k
+                    and rec.value.get("epoch") == base.get("epoch")):
                 return rec.value
+            if time.monotonic() > check_base_at:
+                now = self._base_record()
+                if now.get("epoch") != base.get("epoch") or (now["round"] == k and now["close"] != base["close"]):
+                    return None
+                check_base_at = time.monotonic() + 2.0
             time.sleep(0.2)
         return None
 
@@ -297,13 +356,17 @@ class Peer:
         merged, failing_since = 0, None
         while self.opts.max_rounds is None or merged < self.opts.max_rounds:
             try:
-                self.train_round()
-                merged += self.join_round()
+                if self._behind_schedule():
+                    merged += self.follow_round()
+                else:
+                    self.train_round()
+                    merged += self.join_round()
                 failing_since = None
             except RunFinished:
                 self.log({"event": "finished", "round": self.round})
                 return
             except NetworkError as err:
+                self.metrics.network_error(err)
                 if self._run_finished():  # the coordinator ended the run and left while we were fetching
                     self.log({"event": "finished", "round": self.round})
                     return
@@ -312,6 +375,7 @@ class Peer:
                     raise
                 self.log({"event": "retry", "round": self.round, "error": str(err)})
                 time.sleep(2.0)
+                reconnect(self.dht, self.opts.dht)
                 try:
                     self.resync()
                 except NetworkError:

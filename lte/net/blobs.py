@@ -17,7 +17,9 @@ Wire protocol (handler names are f"{namespace}::BlobServicer.rpc_*", so the clas
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from contextlib import aclosing
 # typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase recognizes streaming handlers
 # by the typing alias (`hint._name`), and would register them as unary ones otherwise.
@@ -31,7 +33,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from lte.net.aio import LoopThread
-from lte.net.blobstore import BlobStore, Wire, decode, digest
+from lte.net.blobstore import BlobStore, FileBlob, FileDigest, Wire, decode, digest
 from lte.net.counters import TrafficCounter
 from lte.net.errors import (
     BlobFetchError,
@@ -105,12 +107,16 @@ class BlobServicer(ServicerBase):
         if blob is None:
             yield runtime_pb2.ExpertResponse(metadata=_pack(found=False))
             return
-        yield runtime_pb2.ExpertResponse(metadata=_pack(found=True, count=len(blob.parts), nbytes=blob.nbytes))
-        for part in blob.parts:
-            for chunk in split_for_streaming(part, self.chunk_bytes):
-                # counted before the send so that totals are final when the receiver has everything
-                self.traffic.add_sent(blob.kind, len(chunk.buffer))
-                yield runtime_pb2.ExpertResponse(tensors=[chunk])
+        if isinstance(blob, FileBlob):  # read from disk as it goes: a checkpoint is never loaded to be served
+            count, chunks = 1, blob.chunks(self.chunk_bytes)
+        else:
+            count = len(blob.parts)
+            chunks = (c for part in blob.parts for c in split_for_streaming(part, self.chunk_bytes))
+        yield runtime_pb2.ExpertResponse(metadata=_pack(found=True, count=count, nbytes=blob.nbytes))
+        for chunk in chunks:
+            # counted before the send so that totals are final when the receiver has everything
+            self.traffic.add_sent(blob.kind, len(chunk.buffer))
+            yield runtime_pb2.ExpertResponse(tensors=[chunk])
 
     async def rpc_offer_blob(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -328,6 +334,64 @@ class BlobService:
         if not received.complete or len(received.parts) != header.get("count"):
             raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: stream ended early")
         return received.parts
+
+    def fetch_file(
+        self,
+        peer: PeerLike,
+        sha: str,
+        dest: str | os.PathLike[str],
+        *,
+        kind: str,
+        stall_timeout: float = 60.0,
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Download file blob `sha` (see `BlobStore.put_file`) from `peer` straight into the file `dest`, hashing
+        the bytes as they arrive, so a large model is never held in memory; `progress(n)` is told each chunk's size.
+
+        Gives up when no chunk arrives for `stall_timeout` s (a large file may take long, but never stalls).
+        Returns the sha256 of the file's bytes. On any failure `dest` is removed and a BlobFetchError raised.
+        """
+        dest = Path(dest)
+        try:
+            return self._loop.run(self._download_file(_as_peer(peer), sha, dest, kind, stall_timeout, progress))
+        except BaseException as e:
+            dest.unlink(missing_ok=True)
+            if isinstance(e, BlobFetchError) or not isinstance(e, Exception):
+                raise
+            if isinstance(e, asyncio.TimeoutError):
+                raise BlobTimeout(f"blob {sha[:12]} from {peer}: nothing received for {stall_timeout:.0f} s") from None
+            raise BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}") from e
+
+    async def _download_file(self, peer: PeerID, sha: str, dest: Path, kind: str, stall: float,
+                             progress: Callable[[int], None] | None) -> str:
+        stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
+        stream = await asyncio.wait_for(stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha)), stall)
+        async with aclosing(stream):
+            header = _meta(await asyncio.wait_for(anext(stream, None), stall))
+            if not header.get("found"):
+                raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+            if header.get("count") != 1:
+                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
+            hashed: FileDigest | None = None
+            with open(dest, "wb") as out:
+                while (message := await asyncio.wait_for(anext(stream, None), stall)) is not None:
+                    for chunk in message.tensors:
+                        if hashed is None:  # the first chunk says what the blob is
+                            if chunk.dtype != "uint8" or len(chunk.size) != 1:
+                                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
+                            hashed = FileDigest(int(chunk.size[0]))
+                        hashed.update(chunk.buffer)
+                        out.write(chunk.buffer)
+                        self.traffic.add_received(kind, len(chunk.buffer))
+                        if progress is not None:
+                            progress(len(chunk.buffer))
+                out.flush()
+                os.fsync(out.fileno())
+        if hashed is None or hashed.seen != hashed.nbytes:
+            raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: stream ended early")
+        if hashed.blob_sha() != sha:
+            raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
+        return hashed.file_sha()
 
     def push(self, peer: PeerLike, sha: str, *, timeout: float = 60.0) -> bool:
         """Upload local blob `sha` to `peer` so that it serves it too (for client-mode peers).

@@ -10,17 +10,20 @@ The serialized protobuf as a whole (`SerializeToString`) is not hashed: streamin
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 Wire = Literal["raw", "fp16"]
+FILE_CHUNK_BYTES = 2**20
 
 
 def encode(tensors: Iterable[torch.Tensor], wire: Wire = "raw") -> list[runtime_pb2.Tensor]:
@@ -46,11 +49,48 @@ def digest(parts: Iterable[runtime_pb2.Tensor]) -> str:
     """Hex sha256 address of serialized tensors: dtype, shape, codec and bytes of each, length-prefixed."""
     h = hashlib.sha256(b"lte-blob-v1")
     for part in parts:
-        header = f"{part.dtype}|{','.join(map(str, part.size))}|{int(part.compression)}".encode()
-        h.update(struct.pack("<II", len(header), len(part.buffer)))
-        h.update(header)
+        _hash_header(h, part.dtype, part.size, int(part.compression), len(part.buffer))
         h.update(part.buffer)
     return h.hexdigest()
+
+
+def _hash_header(h: Any, dtype: str, size: Iterable[int], compression: int, nbytes: int) -> None:
+    header = f"{dtype}|{','.join(map(str, size))}|{compression}".encode()
+    h.update(struct.pack("<II", len(header), nbytes))
+    h.update(header)
+
+
+class FileDigest:
+    """The address of a file blob (one uint8 tensor holding the file's bytes), computed while the bytes stream by.
+
+    Also gives the plain sha256 of the bytes, which is how checkpoints name their model file.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes, self.seen = nbytes, 0
+        self._blob = hashlib.sha256(b"lte-blob-v1")
+        _hash_header(self._blob, "uint8", [nbytes], int(runtime_pb2.CompressionType.NONE), nbytes)
+        self._plain = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self.seen += len(data)
+        self._blob.update(data)
+        self._plain.update(data)
+
+    def blob_sha(self) -> str:
+        return self._blob.hexdigest()
+
+    def file_sha(self) -> str:
+        return self._plain.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> FileDigest:
+    """Both hashes of a file (see `FileDigest`), read in chunks."""
+    d = FileDigest(os.path.getsize(path))
+    with open(path, "rb") as f:
+        while chunk := f.read(FILE_CHUNK_BYTES):
+            d.update(chunk)
+    return d
 
 
 def payload_bytes(parts: Iterable[runtime_pb2.Tensor]) -> int:
@@ -67,12 +107,38 @@ class Blob:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FileBlob:
+    """A blob of one uint8 tensor whose bytes stay in a file (a checkpoint): served chunk by chunk from disk, so
+    a large model is never held in memory to be served. Its address is what `digest` gives for the same bytes."""
+
+    path: Path
+    kind: str
+    round_id: int | None
+    nbytes: int
+
+    @property
+    def parts(self) -> tuple[runtime_pb2.Tensor, ...]:
+        """The whole blob in memory, for the rare local use; serving uses `chunks`."""
+        data = bytearray(self.path.read_bytes())
+        return tuple(encode([torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)]))
+
+    def chunks(self, chunk_bytes: int) -> Iterator[runtime_pb2.Tensor]:
+        """The stream `split_for_streaming` would make of `parts`, read from the file as it goes."""
+        count = max(1, -(-self.nbytes // chunk_bytes))
+        with open(self.path, "rb") as f:
+            yield runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, buffer=f.read(chunk_bytes),
+                                     chunks=count, size=[self.nbytes], dtype="uint8", requires_grad=False)
+            for _ in range(count - 1):
+                yield runtime_pb2.Tensor(buffer=f.read(chunk_bytes))
+
+
 class BlobStore:
     """Thread-safe map sha256 -> Blob, shared by the local caller and the RPC handlers serving it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._blobs: dict[str, Blob] = {}
+        self._blobs: dict[str, Blob | FileBlob] = {}
 
     def put(
         self, tensors: Sequence[torch.Tensor], *, kind: str, round_id: int | None = None, wire: Wire = "raw"
@@ -93,7 +159,16 @@ class BlobStore:
             self._blobs[sha] = blob
         return sha
 
-    def get(self, sha: str) -> Blob | None:
+    def put_file(self, path: str | os.PathLike[str], *, kind: str, sha: str | None = None) -> str:
+        """Serve the bytes of file `path` (which must not change while served) as a blob; returns its address.
+        Pass `sha` when `file_digest` was computed already: hashing reads the whole file."""
+        path = Path(path)
+        sha = sha or file_digest(path).blob_sha()
+        with self._lock:
+            self._blobs[sha] = FileBlob(path, kind, None, path.stat().st_size)
+        return sha
+
+    def get(self, sha: str) -> Blob | FileBlob | None:
         with self._lock:
             return self._blobs.get(sha)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from contextlib import suppress
+from functools import partial
 from typing import Any
 
 import hivemind
@@ -27,8 +29,8 @@ from lte.net.procs import (
 from lte.net.records import default_validators
 
 __all__ = [
-    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "prepare_process", "shutdown_dht", "shutdown_node", "start_dht",
-    "use_fork_start_method", "visible_maddrs",
+    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "prepare_process", "reconnect", "shutdown_dht", "shutdown_node",
+    "start_dht", "use_fork_start_method", "visible_maddrs",
 ]
 
 # Time allowed on top of p2pd's startup_timeout for the DHT to ping its initial peers (hivemind's
@@ -96,6 +98,29 @@ def start_dht(
         raise
     stop_at_exit(dht, shutdown_dht)
     return dht
+
+
+async def _dial_and_ping(maddr: str, _dht: hivemind.DHT, node: Any) -> bool:
+    # runs inside the DHT process (via DHT.run_coroutine)
+    addr = Multiaddr(maddr)
+    peer = PeerID.from_base58(addr["p2p"])
+    with suppress(Exception):  # already connected, or not reachable: the ping below tells
+        await node.p2p._client.connect(peer, [addr.decapsulate(Multiaddr(f"/p2p/{addr['p2p']}"))])
+    return await node.protocol.call_ping(peer) is not None
+
+
+def reconnect(dht: hivemind.DHT, maddr: str) -> bool:
+    """Dial the node at `maddr` (ending in /p2p/<peer id>) and ping it, so both have each other in their DHT
+    routing tables again. Returns whether it answered.
+
+    hivemind drops a node from its routing table after one request it did not answer and never looks for it
+    again, and a restarted node starts with an empty table: a peer whose link to the swarm was a coordinator
+    that restarted would otherwise never meet it again (it would read stale records forever).
+    """
+    try:
+        return bool(dht.run_coroutine(partial(_dial_and_ping, maddr)))
+    except Exception:
+        return False
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

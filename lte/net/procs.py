@@ -15,8 +15,8 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 ORPHAN_POLL_S = 1.0
@@ -50,6 +50,28 @@ def restore_sigint() -> None:
     """Undo hivemind's `signal(SIGINT, SIG_IGN)` in the parent (no-op off the main thread, where it is illegal)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while the block runs, then act on the first that came (as if it came just now).
+
+    For a state change that must not stop halfway (a merge applied to the base, its round and its checkpoint):
+    the handlers above raise wherever the main thread is, which would leave it half done. Only in the main
+    thread, where Python runs signal handlers; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def prepare_hivemind_child(own_process_group: bool) -> None:

@@ -39,6 +39,11 @@ def commit_key(run: str, round_id: int) -> str:
     return f"lte.{run}.commit.{round_id}"
 
 
+def checkpoints_key(run: str) -> str:
+    """The coordinator's signed list of the checkpoints it serves (round, file blob addresses, base hash)."""
+    return f"lte.{run}.checkpoints"
+
+
 def alive_key(run: str) -> str:
     """Peers announce themselves here each round with their local training time, so the coordinator can size the
     next window for every live peer, including those that missed the last round."""
