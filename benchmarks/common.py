@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from lte.data import batches
-from lte.models import create_base_model
 from lte.train import autocast, head_loss, param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,15 +174,17 @@ def samples_to_reach(curve: Sequence[dict[str, Any]], target: float) -> float | 
     return None
 
 
-# ----- the full-training reference step (compute and memory benchmarks) ----------------------------------------
-class FullTrainer:
-    """Standard AdamW training of the unconverted model, step for step what `lte.train.HeadTrainer` does for a
-    peer (same batch stream, loss, optimizer groups and schedule), so the two compare like for like."""
+# ----- the reference training step (compute and memory benchmarks) ---------------------------------------------
+class StepTrainer:
+    """`lte.train.HeadTrainer`'s step for any model: the same batch stream, loss, AdamW groups and schedule.
 
-    def __init__(self, spec, train_set, batch_size: int, device: str = "cpu"):
+    With the unconverted model and method "full" it is standard training, the reference an LTE peer is compared
+    with; with an N-head `LTEModel` and "lte" it is the simulator's N emulated heads."""
+
+    def __init__(self, spec, model: torch.nn.Module, method: str, train_set, batch_size: int, device: str = "cpu"):
         self.device = device
-        self.model = create_base_model(spec.model).to(device)
-        self.opt = torch.optim.AdamW(param_groups(self.model, spec, "full"), betas=spec.optim.betas)
+        self.model = model.to(device)
+        self.opt = torch.optim.AdamW(param_groups(self.model, spec, method), betas=spec.optim.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
         self.stream = batches(train_set, batch_size, spec.seed)
 

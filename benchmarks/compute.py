@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 from torch.utils.data import TensorDataset
 
-from common import FullTrainer, banner, interleaved_times, machine, median_iqr, parse, parser, pyplot, save_figure, table, write_json
+from common import StepTrainer, banner, interleaved_times, machine, median_iqr, parse, parser, pyplot, save_figure, table, write_json
 from lte.config import load_spec
 from lte.data import batches, load_datasets
 from lte.lora import prepare_model
 from lte.models import create_base_model
-from lte.train import HeadTrainer, autocast, head_loss, param_groups
+from lte.train import HeadTrainer
 
 TARGET = 1.10
 DIGITS = {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 128, "depth": 4, "num_heads": 4}
@@ -33,23 +33,10 @@ DIGITS = {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "emb
 VIT_S = {"img_size": 16, "patch_size": 4, "in_chans": 3, "num_classes": 100, "embed_dim": 384, "depth": 12, "num_heads": 6}
 
 
-def emulated_trainer(spec, heads: int, train_set, batch: int, device: str) -> Callable[[], None]:
-    """One step of `heads` LTE heads in one LTEModel (vmap), each on its `batch` slice: the simulator's path."""
-    model = prepare_model(create_base_model(spec.model), spec.lte.model_copy(update={"heads": heads}), spec.seed).to(device)
-    opt = torch.optim.AdamW(param_groups(model, spec, "lte"), betas=spec.optim.betas)
-    stream = batches(train_set, heads * batch, spec.seed)
-
-    def step() -> None:
-        x, y = next(stream)
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            logits = model(x)
-        loss = head_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss.item()
-    return step
+def emulated(spec, heads: int, train_set, batch: int, device: str) -> StepTrainer:
+    """`heads` LTE heads in one LTEModel (one vmapped pass), each on its own `batch` slice: the simulator's path."""
+    model = prepare_model(create_base_model(spec.model), spec.lte.model_copy(update={"heads": heads}), spec.seed)
+    return StepTrainer(spec, model, "lte", train_set, heads * batch, device)
 
 
 def peer(spec, train_set, batch: int, device: str, fold: bool = True, rank: int | None = None,
@@ -85,7 +72,7 @@ def summarize(wall: dict[str, list[float]], cpu: dict[str, list[float]], ref: st
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--reps", type=int, help="timed rounds per part (default 40; quick 12)")
+    ap.add_argument("--reps", type=int, help="timed rounds per part (default 40; quick 8)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)")
     ap.add_argument("--heads", type=int, nargs="+", help="N for part 2 (default 2 4 8; quick 4)")
@@ -93,7 +80,7 @@ def main() -> None:
     args = parse(ap)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    reps = args.reps or (12 if args.quick else 40)
+    reps = args.reps or (8 if args.quick else 40)
     heads_list = args.heads or ([4] if args.quick else [2, 4, 8])
     models = {"digits tiny ViT (0.8M)": (DIGITS, 16)} if args.quick else {"digits tiny ViT (0.8M)": (DIGITS, 16),
                                                                         "ViT-S width (21.6M), 16x16 input": (VIT_S, 8)}
@@ -109,7 +96,7 @@ def main() -> None:
             torch.randn(256, 3, 16, 16), torch.randint(0, 100, (256,)))  # random pixels: a step's cost ignores content
         torch.manual_seed(0)
         r = spec.lte.rank
-        full = FullTrainer(spec, data, batch, args.device)
+        full = StepTrainer(spec, create_base_model(spec.model), "full", data, batch, args.device)
         cases = {"full AdamW step": lambda f=full: f.train_steps(1),
                  f"LTE peer, r={r}, folded": peer(spec, data, batch, args.device, fold=True),
                  f"LTE peer, r={r}, fold: false": peer(spec, data, batch, args.device, fold=False)}
@@ -135,7 +122,7 @@ def main() -> None:
         torch.manual_seed(0)
         singles = [peer(spec, digits_train, 16, args.device, head=f"peer-{i}") for i in range(n)]
         cases = {f"{n} separate single-head steps": lambda s=singles: [f() for f in s],
-                 f"{n} heads in one LTEModel (vmap)": emulated_trainer(spec, n, digits_train, 16, args.device)}
+                 f"{n} heads in one LTEModel (vmap)": lambda e=emulated(spec, n, digits_train, 16, args.device): e.train_steps(1)}
         wall, cpu = interleaved_times(cases, args.warmup, reps, args.device)
         for s in summarize(wall, cpu, f"{n} separate single-head steps"):
             s.update(heads=n, per_head_batch=16)

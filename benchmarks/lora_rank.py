@@ -40,11 +40,11 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[8.0], help="s = alpha / r (default 8, the default config's)")
     ap.add_argument("--replicas-only", action="store_true")
     ap.add_argument("--classifier-lora", action="store_true")
-    ap.add_argument("--steps", type=int, help="default 400; quick 100")
+    ap.add_argument("--steps", type=int, help="default 400; quick 80")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2; quick 0")
     ap.add_argument("--jobs", type=int, default=2)
     args = parse(ap)
-    steps = args.steps or (100 if args.quick else 400)
+    steps = args.steps or (80 if args.quick else 400)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     ranks = args.ranks or ([4] if args.quick else [8, 4])
     common = {"optim": {"steps": steps, "warmup_steps": min(50, steps // 8)}, "eval_every": steps}

@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from common import FullTrainer, banner, machine, parse, parser, pyplot, save_figure, table, write_json
+from common import StepTrainer, banner, machine, parse, parser, pyplot, save_figure, table, write_json
 from lte.config import ModelSpec, RunSpec, load_spec
 from lte.data import load_datasets
 from lte.lora import LoRALinear
@@ -56,7 +56,7 @@ def build(model_name: str, case: str, device: str, data: Dataset):
     """(model, optimizer, one-step function) for a case; the step is the training loop's body."""
     batch, spec = MODELS[model_name][1], spec_for(model_name)
     if case == "full AdamW":
-        trainer = FullTrainer(spec, data, batch, device)
+        trainer = StepTrainer(spec, create_base_model(spec.model), "full", data, batch, device)
         return trainer.model, trainer.opt, lambda: trainer.train_steps(1)
     fold = case == "LTE peer (folded)"
     spec = spec.model_copy(update={"lte": spec.lte.model_copy(update={"fold": fold})})
@@ -118,11 +118,13 @@ def child(model_name: str, case: str, steps: int, device: str) -> None:
         f.write("5")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    peak = lambda: torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024  # noqa: E731
     _, _, step = build(model_name, case, device, data)
+    built = peak()  # converting a model copies its weights: this peak can exceed training's
     for _ in range(steps):
         step()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024
-    print(json.dumps({"runtime_bytes": 0 if device == "cuda" else runtime, "peak_bytes": peak}))
+    print(json.dumps({"runtime_bytes": 0 if device == "cuda" else runtime, "peak_bytes": peak(),
+                      "peak_after_build_bytes": built}))
 
 
 def peak_in_subprocess(model_name: str, case: str, steps: int, device: str) -> dict[str, int]:
@@ -133,9 +135,10 @@ def peak_in_subprocess(model_name: str, case: str, steps: int, device: str) -> d
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--steps", type=int, default=2, help="training steps before counting")
+    ap.add_argument("--steps", type=int, help="training steps before counting (default 2; quick 1)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)  # internal: one case in a fresh process
     args = parse(ap)
+    args.steps = args.steps or (1 if args.quick else 2)
     if args.child:
         child(*args.child, args.steps, args.device)
         return
@@ -165,13 +168,15 @@ def main() -> None:
         full_extra = peaks["full AdamW"]["peak_bytes"] - peaks["full AdamW"]["runtime_bytes"]
         for case, pk in peaks.items():
             extra = pk["peak_bytes"] - pk["runtime_bytes"]
-            rss_rows.append([model_name, case, mb(pk["peak_bytes"]), mb(extra), f"{extra / full_extra:.3f}"])
+            rss_rows.append([model_name, case, mb(pk["peak_bytes"]), mb(extra), f"{extra / full_extra:.3f}",
+                             mb(pk["peak_after_build_bytes"] - pk["runtime_bytes"])])
             next(r for r in results if r["model"] == model_name and r["case"] == case).update(**pk)
     print()
     text1 = table(["model", "case", "training state MiB", "ratio to full (target <= 0.4)", "target", "largest part"], rows)
     print()
     peak_name = "CUDA peak allocated" if args.device == "cuda" else "peak RSS"
-    text2 = table(["model", "case", f"{peak_name} MiB", "added by model + training MiB", "ratio to full"], rss_rows)
+    text2 = table(["model", "case", f"{peak_name} MiB", "added by model + training MiB", "ratio to full",
+                   "of which reached while building MiB"], rss_rows)
     print("\nbreakdown (MiB):")
     kinds = sorted({k for r in results for k in r["bytes"]})
     text3 = table(["model", "case"] + kinds, [[r["model"], r["case"]] + [mb(r["bytes"].get(k, 0)) for k in kinds]

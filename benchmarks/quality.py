@@ -28,12 +28,12 @@ TARGET_POINTS, TARGET_SAMPLES = 0.5, 1.2
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--steps", type=int, help="steps per run (default 400; quick 100)")
+    ap.add_argument("--steps", type=int, help="steps per run (default 400; quick 80)")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2; quick 0")
     ap.add_argument("--eval-every", type=int, help="default 20; quick 10")
     ap.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each on CPU)")
     args = parse(ap)
-    steps = args.steps or (100 if args.quick else 400)
+    steps = args.steps or (80 if args.quick else 400)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     every = args.eval_every or (10 if args.quick else 20)
     common = {"optim": {"steps": steps, "warmup_steps": min(50, steps // 8)}, "eval_every": every}

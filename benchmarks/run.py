@@ -20,10 +20,10 @@ RESULTS = HERE.parent / "results" / "bench"
 
 # name -> script, or None for a benchmark that is not built yet (listed so the gap shows in every run).
 BENCHMARKS: dict[str, str | None] = {
-    "quality": "quality.py",
-    "lora_rank": "lora_rank.py",
     "compute": "compute.py",
     "memory": "memory.py",
+    "quality": "quality.py",
+    "lora_rank": "lora_rank.py",
     "communication": None,  # bytes per peer per round over real loopback runs (2, 4, 8 peers): not yet measured
     "round_latency": None,  # averaging-round latency vs peers for a ViT-S-sized model: not yet measured
 }

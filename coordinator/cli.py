@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.metrics import coordinator_registry
             server = StatusServer(args.host, args.http_port, coord.status, coordinator_registry(coord),
                                   checkpoints=coord.checkpoints)
-            print(f"status: http://{args.host}:{server.port}/status.json  metrics: http://{args.host}:{server.port}/metrics",
+            base = f"http://{args.host}:{server.port}"
+            print(f"status: {base}/status.json  page: {base}/  metrics: {base}/metrics",
                   flush=True)
         print(f"run {spec.run} (spec {coord.spec_hash[:12]}) coordinator {coord.peer_id}", flush=True)
         print("volunteers join with:", flush=True)

@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", default="configs/digits.yaml")
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--checkpoint-dir", type=Path,
+                    help="default: a new runs/demo/<time>/ (an existing checkpoint dir resumes its run)")
     ap.add_argument("--round-seconds", type=float, default=2.0)
     ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                     help="how merged layers travel between peers (see lte-coordinator start --help)")
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         print(f"lte-demo: error: config file {args.config} does not exist", file=sys.stderr)
         return 2
+    if args.checkpoint_dir is None:  # a fresh run each time: the coordinator would resume an existing directory
+        args.checkpoint_dir = Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")
     logs = args.logs or Path(tempfile.mkdtemp(prefix="lte-demo-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     events: queue.Queue = queue.Queue()
