@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from torch.utils.data import TensorDataset
 
-from common import StepTrainer, banner, interleaved_times, machine, median_iqr, parse, parser, pyplot, save_figure, table, write_json
+from common import (StepTrainer, banner, interleaved_times, machine, median_iqr, parse, parser, pyplot, save_figure,
+                    table, write_json)
 from lte.config import load_spec
 from lte.data import batches, load_datasets
 from lte.lora import prepare_model
@@ -92,7 +93,7 @@ def main() -> None:
         spec = load_spec(args.config, {"model": {"kwargs": kwargs}})
         small = kwargs is DIGITS
         n_params = sum(p.numel() for p in create_base_model(spec.model).parameters())
-        data = digits_train if kwargs is DIGITS else TensorDataset(
+        data = digits_train if small else TensorDataset(
             torch.randn(256, 3, 16, 16), torch.randint(0, 100, (256,)))  # random pixels: a step's cost ignores content
         torch.manual_seed(0)
         r = spec.lte.rank
@@ -121,8 +122,9 @@ def main() -> None:
     for n in heads_list:
         torch.manual_seed(0)
         singles = [peer(spec, digits_train, 16, args.device, head=f"peer-{i}") for i in range(n)]
+        emu = emulated(spec, n, digits_train, 16, args.device)
         cases = {f"{n} separate single-head steps": lambda s=singles: [f() for f in s],
-                 f"{n} heads in one LTEModel (vmap)": lambda e=emulated(spec, n, digits_train, 16, args.device): e.train_steps(1)}
+                 f"{n} heads in one LTEModel (vmap)": lambda e=emu: e.train_steps(1)}
         wall, cpu = interleaved_times(cases, args.warmup, reps, args.device)
         for s in summarize(wall, cpu, f"{n} separate single-head steps"):
             s.update(heads=n, per_head_batch=16)

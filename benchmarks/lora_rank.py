@@ -20,7 +20,8 @@ import statistics
 from common import TrainJob, banner, machine, parse, parser, pm, pyplot, run_jobs, save_figure, table, write_json
 
 
-def variants(ranks: list[int], scales: list[float], replicas_only: bool, classifier_lora: bool) -> list[tuple[str, str, dict]]:
+def variants(ranks: list[int], scales: list[float], replicas_only: bool,
+             classifier_lora: bool) -> list[tuple[str, str, dict]]:
     out = [("full", "full", {})]
     for r in ranks:
         for s in scales:
@@ -61,7 +62,8 @@ def main() -> None:
         rs = by[label]
         acc = [r["test_accuracy"] for r in rs]
         lte = over.get("lte", {})
-        summary[label] = {"final": acc, "final_mean": statistics.fmean(acc), "gap_points": (full - statistics.fmean(acc)) * 100}
+        mean = statistics.fmean(acc)
+        summary[label] = {"final": acc, "final_mean": mean, "gap_points": (full - mean) * 100}
         rows.append([label, lte.get("rank", "—"), f"{lte['alpha']:g}" if "alpha" in lte else "—",
                      f"{rs[0]['trainable_parameters']:,}", pm(acc), f"{summary[label]['gap_points']:+.2f}"])
     text = table(["variant", "rank", "alpha", "trainable params", "final test acc", "points behind full"], rows)

@@ -136,7 +136,8 @@ def peak_in_subprocess(model_name: str, case: str, steps: int, device: str) -> d
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--steps", type=int, help="training steps before counting (default 2; quick 1)")
-    ap.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)  # internal: one case in a fresh process
+    # internal: one case in a fresh process
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     args = parse(ap)
     args.steps = args.steps or (1 if args.quick else 2)
     if args.child:
@@ -176,7 +177,7 @@ def main() -> None:
     print()
     peak_name = "CUDA peak allocated" if args.device == "cuda" else "peak RSS"
     text2 = table(["model", "case", f"{peak_name} MiB", "added by model + training MiB", "ratio to full",
-                   "of which reached while building MiB"], rss_rows)
+                   "peak after building MiB"], rss_rows)
     print("\nbreakdown (MiB):")
     kinds = sorted({k for r in results for k in r["bytes"]})
     text3 = table(["model", "case"] + kinds, [[r["model"], r["case"]] + [mb(r["bytes"].get(k, 0)) for k in kinds]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import statistics
 
-from common import TrainJob, banner, machine, parse, parser, pm, pyplot, run_jobs, samples_to_reach, save_figure, table, write_json
+from common import (TrainJob, banner, machine, parse, parser, pm, pyplot, run_jobs, samples_to_reach, save_figure, table,
+                    write_json)
 
 VARIANTS: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
@@ -47,7 +48,8 @@ def main() -> None:
     target = 0.99 * full_final
     reach = {k: [samples_to_reach(r["eval_curve"], target) for r in rs] for k, rs in by.items()}
     full_reach = statistics.fmean(s for s in reach["full"] if s is not None) if all(reach["full"]) else None
-    curve_at = lambda rs, frac: [r["eval_curve"][max(0, round(len(r["eval_curve"]) * frac) - 1)]["test_accuracy"] for r in rs]  # noqa: E731
+    def curve_at(rs: list[dict], frac: float) -> list[float]:  # accuracy at the evaluation nearest frac of the budget
+        return [r["eval_curve"][max(0, round(len(r["eval_curve"]) * frac) - 1)]["test_accuracy"] for r in rs]
 
     rows, summary = [], {}
     for label, rs in by.items():
