@@ -64,7 +64,8 @@ class DiLoCoModel(nn.Module):
         """Outer step: the outer gradient is shared minus the workers' mean (DiLoCo's "pseudo-gradient")."""
         shared = list(self.net.parameters())
         if self.outer is None:
-            self.outer = torch.optim.SGD(shared, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=True)
+            self.outer = torch.optim.SGD(shared, lr=self.outer_lr, momentum=self.outer_momentum,
+                                         nesterov=self.outer_momentum > 0)  # torch refuses Nesterov without momentum
         for g, *ws in zip(shared, *(w.parameters() for w in self.workers)):
             g.grad = g - torch.stack(ws).mean(0)
         self.outer.step()
