@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from lte.data import batches
-from lte.train import autocast, head_loss, param_groups, warmup_cosine
+from lte.train import optimizer_step, param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "bench"
@@ -190,16 +190,7 @@ class StepTrainer:
 
     def train_steps(self, n: int) -> None:
         for _ in range(n):
-            x, y = next(self.stream)
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast(self.device):
-                logits = self.model(x)
-            loss = head_loss(logits, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            loss.item()
+            optimizer_step(self.model, self.opt, self.sched, next(self.stream), self.device)
 
 
 # ----- timing ----------------------------------------------------------------------------------------------------

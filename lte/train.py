@@ -154,19 +154,11 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
     t0 = time.perf_counter()
     bar = tqdm(range(spec.optim.steps), desc=method, disable=not progress, dynamic_ncols=True)
     for step in bar:
-        x, y = next(stream)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device):
-            logits = model(x)
-        loss = head_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = optimizer_step(model, opt, sched, next(stream), device)
         if method in ("lte", "diloco") and (step + 1) % spec.lte.merge_every == 0:
             model.merge()
             merges += 1
-        losses.append(loss.item() / heads)
+        losses.append(loss / heads)
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.optim.steps:
             acc, tloss = evaluate(model, test_ds, device)
             evals.append({"step": step + 1, "samples": (step + 1) * spec.data.batch_size,
@@ -182,6 +174,20 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
         "trainable_parameters": trainable, "loss_curve": losses, "eval_curve": evals,
         "spec": spec.model_dump(mode="json"),
     }
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                   batch: tuple[torch.Tensor, torch.Tensor], device: str) -> float:
+    """One step of a peer's training (and of the benchmarks' reference step, so both time the same code)."""
+    x, y = batch[0].to(device), batch[1].to(device)
+    with autocast(device):
+        logits = model(x)
+    loss = head_loss(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 class HeadTrainer:
@@ -205,15 +211,6 @@ class HeadTrainer:
         """Run `n` optimizer steps; returns (samples processed, mean loss)."""
         total = 0.0
         for _ in tqdm(range(n), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            x, y = next(self.stream)
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast(self.device):
-                logits = self.model(x)
-            loss = head_loss(logits, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            total += loss.item()
+            total += optimizer_step(self.model, self.opt, self.sched, next(self.stream), self.device)
             self.steps += 1
         return n * self.batch_size, total / max(1, n)
