@@ -169,12 +169,16 @@ def test_status_page_in_chromium(tmp_path: Path, chromium: str) -> None:
         assert len(loss[0].attrs["points"].split()) >= EVALUATED_ROUNDS
         assert len(plot.find("circle", class_="pt")) >= EVALUATED_ROUNDS + 1
 
-        ckpts = after.get("checkpoints") or []
+        # The page read status.json between `before` and `after`, and a checkpoint may have been saved in between:
+        # its newest row (newest first, each linking model and meta) must be the newest of one of the two.
         links = [a.attrs["href"] for a in dom.by_id("checkpoints").find("a")]
-        if ckpts:  # newest first; each row links model and meta
-            assert links[:2] == [urljoin(f"{base}/", ckpts[0][k]) for k in ("model_url", "meta_url")]
-        else:
-            assert not links and "display" not in dom.by_id("checkpoints-none").attrs.get("style", "")
+        newest = []
+        for snapshot in (before, after):
+            ckpts = snapshot.get("checkpoints") or []
+            newest.append([urljoin(f"{base}/", ckpts[0][k]) for k in ("model_url", "meta_url")] if ckpts else [])
+        assert links[:2] in newest, f"the page's newest checkpoint {links[:2]} is neither of {newest}"
+        if not links:
+            assert "display" not in dom.by_id("checkpoints-none").attrs.get("style", "")
         assert dom.by_id("spec").text.startswith("{") and '"merge_every": 5' in dom.by_id("spec").text
 
         ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
