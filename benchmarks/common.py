@@ -118,11 +118,13 @@ def median_iqr(xs: Sequence[float]) -> tuple[float, float]:
 # ----- training jobs (quality and LoRA-rank benchmarks) -----------------------------------------------------------
 @dataclass(frozen=True)
 class TrainJob:
-    """One `lte.train.train` run: a labelled method with spec overrides and a seed."""
+    """One `lte.train.train` run: a labelled method with spec overrides and a seed (and the frozen base's dtype,
+    which is a peer's choice, not part of the spec)."""
     label: str
     method: str
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
+    base_dtype: str = "fp32"
 
 
 def _run_job(job: TrainJob, config: str, device: str, threads: int) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def _run_job(job: TrainJob, config: str, device: str, threads: int) -> dict[str,
         torch.set_num_threads(threads)
     spec = load_spec(config, {**job.overrides, "seed": job.seed})
     data = load_datasets(spec.data, 0)  # one split for every seed: seeds vary init, head seeds and batch order
-    r = train(spec, job.method, device=device, progress=False, datasets=data)
+    r = train(spec, job.method, device=device, progress=False, datasets=data, base_dtype=job.base_dtype)
     return {**asdict(job), **{k: r[k] for k in ("test_accuracy", "test_loss", "wall_time_s", "trainable_parameters",
                                                  "samples_seen", "merges", "eval_curve")}}
 

@@ -6,7 +6,10 @@ For the digits tiny ViT (configs/digits.yaml) and timm's vit_small_patch16_224 (
 parameters), each case trains a few steps and then counts the bytes of every tensor it holds for training: model
 parameters and buffers, gradients and AdamW state, each storage once. The LTE peer is `lte.train.HeadTrainer`, what
 `lte-peer` runs (one head, rank 32, folded by default; `lte.fold: false` drops the folded copy of the frozen
-weights). Target (issue 5): at most 0.4x of full training.
+weights). The bf16 and int8 cases are `lte-peer join --base-dtype bf16|int8`: the frozen weights on the device in
+that dtype (unfolded), the fp32 master of the base in host memory, shown apart because it is not on the training
+device (on a CPU-only peer the device is the host, and it adds back). Target (issue 5): at most 0.4x of full
+training.
 
 Peak RSS comes from a fresh subprocess per case (the kernel's VmHWM, or the CUDA allocator's peak with --device
 cuda). The Python/torch runtime alone is several hundred MB, so the child resets the peak mark after its imports
@@ -35,7 +38,8 @@ MODELS = {  # name: (timm model replacing the config's, batch, input shape, clas
     "digits tiny ViT": (None, 16, None, 10),
     "ViT-S/16 224": (ModelSpec(name="vit_small_patch16_224"), 2, (3, 224, 224), 1000),
 }
-CASES = ("full AdamW", "LTE peer (folded)", "LTE peer (fold: false)")
+BASE_DTYPE_CASES = {"LTE peer (bf16 base)": "bf16", "LTE peer (int8 base)": "int8"}
+CASES = ("full AdamW", "LTE peer (folded)", "LTE peer (fold: false)", *BASE_DTYPE_CASES)
 
 
 def spec_for(model_name: str) -> RunSpec:
@@ -58,9 +62,10 @@ def build(model_name: str, case: str, device: str, data: Dataset):
     if case == "full AdamW":
         trainer = StepTrainer(spec, create_base_model(spec.model), "full", data, batch, device)
         return trainer.model, trainer.opt, lambda: trainer.train_steps(1)
-    fold = case == "LTE peer (folded)"
+    fold = case == "LTE peer (folded)"  # a low-precision base always runs unfolded (lte/lora.py)
     spec = spec.model_copy(update={"lte": spec.lte.model_copy(update={"fold": fold})})
-    trainer = HeadTrainer(spec, create_base_model(spec.model), "peer-0", data, batch, device)
+    trainer = HeadTrainer(spec, create_base_model(spec.model), "peer-0", data, batch, device,
+                          BASE_DTYPE_CASES.get(case, "fp32"))
     return trainer.model, trainer.opt, lambda: trainer.train_steps(1)
 
 
@@ -81,6 +86,7 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     for m in model.modules():
         if isinstance(m, LoRALinear):
             add("frozen base weights", m.weight)
+            add("frozen base weights", m.weight_scale)  # int8: one scale per output row
             add("folded copy W - sV", m.folded)
             add("previous factors V", m.v_A)
             add("previous factors V", m.v_B)
@@ -97,6 +103,12 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
         for v in st.values():
             add("AdamW state", v)
     return dict(out)
+
+
+def host_master_bytes(model: torch.nn.Module) -> int:
+    """The fp32 master of a low-precision base: host memory, not the training device's (0 for an fp32 base)."""
+    master = getattr(model, "master", None) or {}
+    return sum(t.untyped_storage().nbytes() for t in master.values())
 
 
 def _status_kib(field: str) -> int:
@@ -148,12 +160,12 @@ def main() -> None:
     mb = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
     rows, rss_rows, results = [], [], []
     for model_name in MODELS:
-        counts = {}
+        counts, masters = {}, {}
         for case in CASES:
             model, opt, step = build(model_name, case, args.device, data_for(model_name))
             for _ in range(args.steps):
                 step()
-            counts[case] = state_bytes(model, opt)
+            counts[case], masters[case] = state_bytes(model, opt), host_master_bytes(model)
             del model, opt, step
         full_total = sum(counts["full AdamW"].values())
         for case, c in counts.items():
@@ -161,8 +173,9 @@ def main() -> None:
             top = max(c, key=c.get)
             verdict = "" if case == "full AdamW" else ("met" if total / full_total <= TARGET else "NOT met")
             rows.append([model_name, case, mb(total), f"{total / full_total:.3f}", verdict,
-                         f"{top} ({c[top] / total:.0%})"])
-            results.append({"model": model_name, "case": case, "bytes": c, "total": total, "ratio": total / full_total})
+                         f"{top} ({c[top] / total:.0%})", mb(masters[case]) if masters[case] else "—"])
+            results.append({"model": model_name, "case": case, "bytes": c, "total": total, "ratio": total / full_total,
+                            "host_master_bytes": masters[case]})
         if args.quick and model_name != "digits tiny ViT":
             continue  # quick: tensors only for the big model, no subprocesses
         peaks = {case: peak_in_subprocess(model_name, case, args.steps, args.device) for case in CASES}
@@ -173,7 +186,8 @@ def main() -> None:
                              mb(pk["peak_after_build_bytes"] - pk["runtime_bytes"])])
             next(r for r in results if r["model"] == model_name and r["case"] == case).update(**pk)
     print()
-    text1 = table(["model", "case", "training state MiB", "ratio to full (target <= 0.4)", "target", "largest part"], rows)
+    text1 = table(["model", "case", "training state MiB", "ratio to full (target <= 0.4)", "target", "largest part",
+                   "+ fp32 master in host memory MiB"], rows)
     print()
     peak_name = "CUDA peak allocated" if args.device == "cuda" else "peak RSS"
     text2 = table(["model", "case", f"{peak_name} MiB", "added by model + training MiB", "ratio to full",

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str | None] = {
     "memory": "memory.py",
     "quality": "quality.py",
     "lora_rank": "lora_rank.py",
+    "base_dtype": "base_dtype.py",
     "communication": None,  # bytes per peer per round over real loopback runs (2, 4, 8 peers): not yet measured
     "round_latency": None,  # averaging-round latency vs peers for a ViT-S-sized model: not yet measured
 }

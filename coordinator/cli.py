@@ -11,53 +11,71 @@ import warnings
 # FutureWarning on stderr; a failing command must print only its own one-line error there.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
+from lte.cliargs import OneLineParser, directory_to_create, file_in_existing_directory, int_in, ip_address, \
+    port_free, seconds, tcp_port
 from lte.config import load_spec
 from lte.errors import ConfigError
 from lte.net import NetworkError
-from lte.net.node import prepare_process
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="lte-coordinator", description=__doc__)
+    ap = OneLineParser(prog="lte-coordinator", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start a run: first DHT node, spec publisher, round commit point")
     s.add_argument("--config", required=True, help="run spec YAML (see configs/)")
     s.add_argument("--checkpoint-dir", required=True, type=Path)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public run)")
-    s.add_argument("--port", type=int, default=0, help="DHT/libp2p TCP port (0: any free port)")
-    s.add_argument("--http-port", type=int, help="serve /status.json and /metrics on this port")
+    s.add_argument("--host", type=ip_address, default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for a public run)")
+    s.add_argument("--port", type=tcp_port, default=0, help="DHT/libp2p TCP port (0: any free port)")
+    s.add_argument("--http-port", type=tcp_port, help="serve /status.json and /metrics on this port (0: any free)")
     s.add_argument("--identity", type=Path, help="RSA key file that signs the run's records (created if missing)")
-    s.add_argument("--round-seconds", type=float, default=4.0, help="time between round closes")
-    s.add_argument("--fetch-timeout", type=float, default=20.0, help="deadline for a member's blobs")
-    s.add_argument("--eval-every", type=int, default=1, help="evaluate every K rounds")
-    s.add_argument("--checkpoint-every", type=int, default=5, help="write a checkpoint every K rounds")
-    s.add_argument("--keep-last", type=int, default=5, help="keep the last K checkpoints (and those of --keep-every)")
-    s.add_argument("--keep-every", type=int, default=100,
+    s.add_argument("--round-seconds", type=seconds, default=4.0, help="time between round closes")
+    s.add_argument("--fetch-timeout", type=seconds, default=20.0, help="deadline for a member's blobs")
+    s.add_argument("--eval-every", type=int_in(1), default=1, help="evaluate every K rounds")
+    s.add_argument("--checkpoint-every", type=int_in(1), default=5, help="write a checkpoint every K rounds")
+    s.add_argument("--keep-last", type=int_in(1), default=5,
+                   help="keep the last K checkpoints (and those of --keep-every)")
+    s.add_argument("--keep-every", type=int_in(0), default=100,
                    help="also keep the checkpoint of every M-th round for good (0: none)")
     s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
     s.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                    help="how merged layers travel between peers: the cheaper per layer (auto), or one forced")
-    s.add_argument("--max-rounds", type=int, help="stop after this many merged rounds")
-    s.add_argument("--min-peers", type=int, default=1, help="merge a round only when at least this many peers join")
+    s.add_argument("--max-rounds", type=int_in(1), help="stop after this many merged rounds")
+    s.add_argument("--min-peers", type=int_in(1), default=1,
+                   help="merge a round only when at least this many peers join")
+    s.add_argument("--allow-peers", type=Path,
+                   help="a closed run: file of the peer ids (one per line) whose contributions are merged")
     s.add_argument("--json", action="store_true", help="print one JSON object per round")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prepare_process()
-    from coordinator.http import StatusServer
-    from coordinator.service import Coordinator, CoordinatorOptions
-
     coord = server = None
     try:
+        # Every check that needs no model and no network first: bad input is refused in a second, before any
+        # file, directory or process is created.
         spec = load_spec(args.config)
+        directory_to_create(args.checkpoint_dir, "--checkpoint-dir")
+        if args.identity is not None:
+            file_in_existing_directory(args.identity, "--identity")
+        allow = None
+        if args.allow_peers is not None:
+            from lte.net.access import load_allowlist  # imports hivemind (seconds): not for the checks above
+            allow = load_allowlist(args.allow_peers)
+        port_free(args.host, args.port, "--port")
+        port_free(args.host, args.http_port, "--http-port")
+        from lte.net.node import prepare_process
+        prepare_process()
+        from coordinator.http import StatusServer
+        from coordinator.service import Coordinator, CoordinatorOptions
+
         opts = CoordinatorOptions(checkpoint_dir=args.checkpoint_dir, host=args.host, port=args.port,
                                   http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
                                   fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
                                   checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds,
                                   min_peers=args.min_peers, paths=args.paths, keep_last=args.keep_last,
-                                  keep_every=args.keep_every)
+                                  keep_every=args.keep_every, allow=allow)
         coord = Coordinator(spec, opts)
         if args.http_port is not None:
             from coordinator.metrics import coordinator_registry

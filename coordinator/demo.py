@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import IO
 
+from lte.cliargs import OneLineParser, directory_to_create, int_in, seconds
+from lte.config import load_spec
+from lte.errors import ConfigError
+
 
 def _reader(name: str, stream: IO[str], out: "queue.Queue[tuple[str, dict | str]]", keep: Path) -> None:
     for line in stream:
@@ -41,27 +45,29 @@ def _spawn(cmd: list[str], name: str, out: "queue.Queue", log: Path) -> subproce
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="lte-demo", description=__doc__)
+    ap = OneLineParser(prog="lte-demo", description=__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--peers", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--peers", type=int_in(1), default=3)
+    ap.add_argument("--rounds", type=int_in(1), default=40)
     ap.add_argument("--checkpoint-dir", type=Path,
                     help="default: a new runs/demo/<time>/ (an existing checkpoint dir resumes its run)")
-    ap.add_argument("--round-seconds", type=float, default=2.0)
+    ap.add_argument("--round-seconds", type=seconds, default=2.0)
     ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                     help="how merged layers travel between peers (see lte-coordinator start --help)")
-    ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    ap.add_argument("--timeout", type=seconds, default=900.0, help="give up after this many seconds")
     ap.add_argument("--logs", type=Path, help="keep every process's log and JSON events here (default: a temp dir)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.peers < 1 or args.rounds < 1:
-        print("lte-demo: error: --peers and --rounds must be at least 1", file=sys.stderr)
-        return 2
-    if not Path(args.config).is_file():
-        print(f"lte-demo: error: config file {args.config} does not exist", file=sys.stderr)
+    try:  # the coordinator would refuse these too, but only in its log, seconds later
+        load_spec(args.config)
+        for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--logs", args.logs)):
+            if path is not None:
+                directory_to_create(path, flag)
+    except ConfigError as err:
+        print(f"lte-demo: error: {err}", file=sys.stderr)
         return 2
     if args.checkpoint_dir is None:  # a fresh run each time: the coordinator would resume an existing directory
         args.checkpoint_dir = Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")

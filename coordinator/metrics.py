@@ -12,12 +12,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lte.net.metrics import RoundEvents, run_info, traffic_families
+from lte.validate import REASONS
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
 
-# Why the coordinator leaves a member out of a round (see Coordinator.run_round).
-REJECT_REASONS = ("fetch_failed", "blob_hash_mismatch", "spec_mismatch", "no_samples")
+# Why the coordinator leaves a member out of a round (see Coordinator.run_round and lte/validate.py).
+REJECT_REASONS = REASONS
 MERGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 

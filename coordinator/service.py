@@ -10,7 +10,7 @@ import copy
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from lte.config import RunSpec
 from lte.data import load_datasets
 from lte.lora import prepare_model
 from lte.merge import apply_update
-from lte.models import create_base_model
+from lte.models import check_fits, create_base_model
 from lte.net import GroupNotFound, NetworkError
+from lte.net.access import unlisted
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.metrics import fetch_failure_reason
@@ -36,6 +37,7 @@ from lte.merge import merge_contributions
 from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, alive_key, as_dense, base_key, base_to_tensors, commit_key,
                             fetch_contributions, round_dense_layers, run_prefix, spec_key)
 from lte.train import evaluate
+from lte.validate import HISTORY_ROUNDS, digest_problem, norm_bound, samples_cap, update_norm
 from lte.wire import Layout
 
 from coordinator.checkpoints import ADDRESS_FILE, CheckpointPublisher, CheckpointStore, resume_fields
@@ -60,6 +62,7 @@ class CoordinatorOptions:
     paths: str = "auto"  # auto | factors | dense: how merged layers travel between peers
     keep_last: int = 5  # checkpoints: keep the last K, every M-th round, and always `latest`
     keep_every: int = 100
+    allow: frozenset[str] | None = None  # a closed run's peer ids (lte/net/access.py); None: open
 
 
 @dataclass
@@ -73,8 +76,9 @@ class Coordinator:
     def __init__(self, spec: RunSpec, opts: CoordinatorOptions):
         self.spec, self.opts = spec, opts
         self.run, self.spec_hash = spec.run, spec.spec_hash()
-        opts.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        # the key first: an unreadable --identity is refused before the checkpoint directory is made
         self.key = load_or_create_private_key(opts.identity or opts.checkpoint_dir / "coordinator.key")
+        opts.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.owner = owner_tag(self.key)
         # before anything slow: a checkpoint directory of another run is refused at once
         self.checkpoints = CheckpointStore(opts.checkpoint_dir, opts.keep_last, opts.keep_every)
@@ -85,6 +89,7 @@ class Coordinator:
         self.layout = Layout.of(prepare_model(copy.deepcopy(self.eval_model),
                                               spec.lte.model_copy(update={"heads": 1}), spec.seed))
         self.test_set = load_datasets(spec.data, spec.seed)[1]
+        check_fits(self.eval_model, self.test_set, f"data.dataset={spec.data.dataset}")
         self.round = 0
         self.base_hash = state_hash(self.base)
         self.peers: dict[str, PeerStats] = {}
@@ -93,6 +98,10 @@ class Coordinator:
         self.evaluation: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self.merges: list[dict[str, Any]] = []  # merged rounds since the last checkpoint: {"round", "samples"}
+        # accepted update norms and samples of the last rounds: they join each round's pool (lte/validate.py)
+        self.norm_history: list[float] = []
+        self.samples_history: list[int] = []
+        self.rejected: dict[str, str] = {}  # the current round's, peer id -> reason
         self.finished = False
         self.checkpoints_saved = 0
         if resumed is not None:
@@ -107,7 +116,7 @@ class Coordinator:
         try:
             self.dht = self._start_dht(resumed is not None)
             self.peer_id = self.dht.peer_id.to_base58()
-            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run), accept_push=True)
+            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run), accept_push=True, owner=self.owner)
             self.members = Membership(self.dht, prefix=run_prefix(self.run))
             self.next_close = get_dht_time() + opts.round_seconds
             self.publisher = CheckpointPublisher(self.dht, self.blobs, self.run, self.owner)
@@ -160,6 +169,7 @@ class Coordinator:
             "spec": self.spec.model_dump(mode="json"), "spec_hash": self.spec_hash, "version": lte.__version__,
             "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire, "paths": self.opts.paths,
             "round_seconds": self.opts.round_seconds, "fetch_timeout": self.opts.fetch_timeout,
+            "allow": sorted(self.opts.allow) if self.opts.allow is not None else None,
         }, self.owner, ttl=3600)
 
     def publish_base(self) -> None:
@@ -174,7 +184,7 @@ class Coordinator:
     def run_round(self) -> dict[str, Any] | None:
         """Agree on members, fetch, merge, commit. Returns the round's summary, or None when no peer came."""
         k, close = self.round, self.next_close
-        me = Digest(coordinator=True, spec=self.spec_hash).to_dict()
+        me = Digest(coordinator=True, spec=self.spec_hash, k=k).to_dict()
         try:
             gathered = self.members.agree(k, me, deadline_s=max(1.0, close - get_dht_time()) + 2.0,
                                           min_size=self.opts.min_peers + 1,
@@ -184,34 +194,59 @@ class Coordinator:
             self.publish_base()
             return None
         t0 = time.perf_counter()
-        digests = {pid: Digest.from_dict(d) for pid, d in gathered.items() if pid != self.peer_id}
-        accepted, contributions = {}, []
-        for pid, d in sorted(digests.items()):
-            if d.coordinator:
-                continue
-            if d.spec != self.spec_hash or d.n <= 0:
-                self.metrics.reject("spec_mismatch" if d.spec != self.spec_hash else "no_samples")
-                continue
-            try:
-                contributions += fetch_contributions(self.blobs, self.layout, {pid: d}, {pid: [pid]}, k,
-                                                     self.opts.fetch_timeout, self.layout.layers)
-                accepted[pid] = d
-            except Exception as err:  # a member that cannot deliver is left out, for everyone alike
-                self.metrics.reject(fetch_failure_reason(err))
-                print(f"round {k}: left out {pid[-8:]}: {err}", flush=True)
+        digests = {pid: Digest.from_dict(d) for pid, d in gathered.items()
+                   if pid != self.peer_id and not Digest.from_dict(d).coordinator}
+        accepted, contributions, bound = self._screen(k, digests)
         dense = round_dense_layers(self.layout, accepted, self.opts.paths)
         with signals_deferred():  # base, round and checkpoint change together: a SIGTERM waits until they have
-            return self._commit(k, t0, accepted, contributions, dense)
+            return self._commit(k, t0, accepted, contributions, dense, bound)
+
+    def _screen(self, k: int, digests: dict[str, Digest]) -> tuple[dict[str, Digest], list[Any], float]:
+        """Round k's members that pass every check of lte/validate.py, their fetched contributions, and the
+        round's norm bound. Rejections go to `self.rejected` (for the commit), the metric and the log."""
+        self.rejected = {}
+        ok = {}
+        for pid, d in sorted(digests.items()):
+            problem = "unauthorized" if unlisted([pid], self.opts.allow) else \
+                digest_problem(d.spec, d.k, d.n, self.spec_hash, k)
+            if problem:
+                self._reject(k, pid, problem, f"digest: spec {d.spec[:12]}, round {d.k}, samples {d.n}")
+            else:
+                ok[pid] = d
+        # The weight a member claims is capped before anything is merged, so the commit records what counts.
+        cap = samples_cap([d.n for d in ok.values()], self.samples_history)
+        ok = {pid: replace(d, n=min(d.n, cap)) for pid, d in ok.items()}
+        fetched = {}
+        for pid, d in ok.items():
+            try:
+                fetched[pid] = fetch_contributions(self.blobs, self.layout, {pid: d}, {pid: [pid]}, k,
+                                                   self.opts.fetch_timeout, self.layout.layers)[0]
+            except Exception as err:  # a member that cannot deliver is left out, for everyone alike
+                self._reject(k, pid, fetch_failure_reason(err), str(err))
+        norms = {pid: update_norm(c, self.base) for pid, c in fetched.items()}
+        bound = norm_bound(norms.values(), self.norm_history)
+        for pid, norm in norms.items():
+            if norm > bound:
+                self._reject(k, pid, "norm_outlier", f"update norm {norm:.4g} > bound {bound:.4g}")
+        accepted = {pid: ok[pid] for pid in fetched if pid not in self.rejected}
+        self.norm_history = (self.norm_history + [norms[p] for p in accepted])[-HISTORY_ROUNDS * max(1, len(accepted)):]
+        self.samples_history = (self.samples_history + [ok[p].n for p in accepted])[-HISTORY_ROUNDS * max(1, len(accepted)):]
+        return accepted, [fetched[p] for p in sorted(accepted)], bound
+
+    def _reject(self, k: int, pid: str, reason: str, detail: str) -> None:
+        self.rejected[pid] = reason
+        self.metrics.reject(reason)
+        print(f"round {k}: rejected {pid} ({reason}): {detail}", flush=True)
 
     def _commit(self, k: int, t0: float, accepted: dict[str, Digest], contributions: list[Any],
-                dense: list[str]) -> dict[str, Any]:
+                dense: list[str], bound: float) -> dict[str, Any]:
         if contributions:
             contributions = [as_dense(c, dense) for c in contributions]
             apply_update(self.base, merge_contributions(contributions, self.spec.lte.scale))
             self.base_hash = state_hash(self.base)
         publish_signed(self.dht, commit_key(self.run, k), {
             "round": k, "members": {pid: d.to_dict() for pid, d in accepted.items()}, "hash": self.base_hash,
-            "epoch": self.epoch,
+            "epoch": self.epoch, "rejected": dict(self.rejected), "bound": bound,
         }, self.owner, ttl=600)
         self.round = k + 1
         self.next_close = get_dht_time() + self.window([d.t for d in accepted.values()])
@@ -224,6 +259,7 @@ class Coordinator:
         if accepted:
             self.merges.append({"round": self.round, "samples": {pid: d.n for pid, d in accepted.items()}})
         summary = {"round": self.round, "peers": len(accepted), "merge_s": time.perf_counter() - t0,
+                   "rejected": dict(self.rejected),
                    "dense_layers": len(dense),
                    "mean_loss": (sum(d.loss for d in accepted.values()) / len(accepted)) if accepted else None,
                    "base_hash": self.base_hash, "bytes_received": sum(self.blobs.traffic.received.values()),

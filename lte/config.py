@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,8 +16,9 @@ from lte.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    # Unknown keys are almost always typos; a silently ignored `merge_evry` would ruin a run.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are almost always typos; a silently ignored `merge_evry` would ruin a run. YAML's .inf and .nan
+    # pass `gt=0` checks but no run survives them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -55,7 +56,7 @@ class OptimSpec(_Strict):
     replica_lr: float | None = Field(None, gt=0)
     full_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     warmup_steps: int = Field(50, ge=0)
     steps: int = Field(1500, gt=0)
     # The DiLoCo baseline's outer optimizer (Nesterov SGD on the averaged deltas), the DiLoCo paper's values.
@@ -64,8 +65,8 @@ class OptimSpec(_Strict):
 
 
 class RunSpec(_Strict):
-    run: str = "digits-vit-tiny"
-    seed: int = 0
+    run: str = Field("digits-vit-tiny", min_length=1)  # names the run's DHT keys
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and scikit-learn take no other seed
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     lte: LTESpec = Field(default_factory=LTESpec)
@@ -128,14 +129,22 @@ def spec_from_dict(data: dict[str, Any], source: str = "config") -> RunSpec:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> RunSpec:
     """Read a YAML run spec; every failure is a ConfigError with one line that names the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:  # the defaults alone describe no usable run (a 224x224 model for 8x8 digits)
+        raise ConfigError(f"{path} is empty: a run spec needs at least model, data and lte (see configs/digits.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return spec_from_dict(_deep_update(data, overrides or {}), str(path))

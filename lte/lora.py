@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence, get_args
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,60 @@ from torch.func import functional_call, vmap
 from lte.config import LTESpec
 from lte.errors import ConfigError
 from lte.merge import Factors, HeadContribution, MergeUpdate, apply_update, merge_contributions
+
+
+BaseDType = Literal["fp32", "bf16", "int8"]
+BASE_DTYPES: tuple[str, ...] = get_args(BaseDType)
+
+
+def quantize_base(w: Tensor, base_dtype: BaseDType) -> tuple[Tensor, Tensor | None]:
+    """A frozen base weight (out x in, fp32) as a low-memory peer stores it: (stored, per-row scale or None).
+
+    int8 is symmetric per-output-row absmax: s = max|W_row| / 127, q = round(W / s). A function of W alone, so
+    every peer that holds the same fp32 base holds the same bytes, and re-deriving it after every merge means no
+    rounding error ever accumulates. Always returns new tensors.
+    """
+    if base_dtype == "fp32":
+        return w.to(torch.float32, copy=True), None
+    if base_dtype == "bf16":
+        return w.to(torch.bfloat16), None
+    if base_dtype == "int8":
+        w = w.to(torch.float32)
+        scale = w.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+        return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    raise ValueError(f"base dtype {base_dtype!r} is not one of {', '.join(BASE_DTYPES)}")
+
+
+def dequantize_base(stored: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weight in `dtype` for one forward. A no-op for an fp32 weight, and for any weight that is not int8
+    (eval swaps in the merged fp32 weights through functional_call, and the int8 scale must then be ignored)."""
+    if stored.dtype == torch.int8:
+        return stored.to(dtype) * scale.to(dtype)[:, None]
+    return stored.to(dtype)
+
+
+class _LowPrecisionLinear(torch.autograd.Function):
+    """x dequant(W)^T that keeps the stored low-precision W for backward, not its fp32 dequantization: with plain
+    F.linear autograd would hold every layer's fp32 temporary until backward, giving back the memory just saved.
+    W is frozen, so backward needs dequant(W) only for the input's gradient, and rebuilds it one layer at a time."""
+
+    generate_vmap_rule = True  # N heads share W under vmap
+
+    @staticmethod
+    def forward(x: Tensor, stored: Tensor, scale: Tensor | None) -> Tensor:
+        return F.linear(x, dequantize_base(stored, scale, x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, stored, scale = inputs
+        ctx.save_for_backward(stored, scale)
+        ctx.x_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        stored, scale = ctx.saved_tensors
+        return (grad @ dequantize_base(stored, scale, grad.dtype)).to(ctx.x_dtype), None, None
 
 
 def head_seed(run_seed: int, head_id: str) -> int:
@@ -43,13 +97,18 @@ class LoRALinear(nn.Module):
     Every tensor but `weight` carries a leading head dimension. With `folded`, the head's forward uses its local
     copy W - s V (design notes §1) and runs the low-rank path once; otherwise it runs W x + s (B A x - V x).
     The names `weight` and `bias` are timm's, so a merged state dict loads into the unconverted model.
+    With `base_dtype` bf16 or int8, `weight` is stored in that dtype (int8 with the per-row `weight_scale`) and
+    dequantized for each forward; the fp32 original is kept by `LTEModel`, off the device.
     """
 
-    def __init__(self, linear: nn.Linear, heads: int, rank: int, scale: float, fold: bool):
+    def __init__(self, linear: nn.Linear, heads: int, rank: int, scale: float, fold: bool,
+                 base_dtype: BaseDType = "fp32"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.rank, self.scale, self.merged_view = rank, scale, False
-        self.register_buffer("weight", linear.weight.detach().clone())
+        self.rank, self.scale, self.merged_view, self.base_dtype = rank, scale, False, base_dtype
+        weight, weight_scale = quantize_base(linear.weight.detach(), base_dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)  # None (no buffer) unless int8
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone().unsqueeze(0).repeat(heads, 1))
@@ -57,22 +116,43 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(heads, self.out_features, rank))
         self.register_buffer("v_A", torch.zeros(heads, rank, self.in_features))
         self.register_buffer("v_B", torch.zeros(heads, self.out_features, rank))
-        self.register_buffer("folded", self.weight.unsqueeze(0).repeat(heads, 1, 1) if fold else None)
+        self.register_buffer("folded", self.dense_weight().unsqueeze(0).repeat(heads, 1, 1) if fold else None)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W in `dtype`; for a low-precision base a temporary, so only the small stored copy stays resident."""
+        return dequantize_base(self.weight, self.weight_scale, dtype)
+
+    @torch.no_grad()
+    def load_weight(self, w: Tensor) -> None:
+        """Set W from the full-precision base `w` (stored as is in fp32, else quantized where `w` lives)."""
+        if self.base_dtype == "fp32":
+            self.weight.copy_(w)
+            return
+        stored, weight_scale = quantize_base(w, self.base_dtype)
+        self.weight.copy_(stored)
+        if weight_scale is not None:
+            self.weight_scale.copy_(weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged_view:
-            return F.linear(x, self.weight, self.bias)
-        w = self.weight if self.folded is None else self.folded
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        if self.folded is not None:
+            y = F.linear(x, self.folded, self.bias)
+        elif self.weight.dtype == x.dtype:  # an fp32 base
+            y = F.linear(x, self.weight, self.bias)
+        else:  # a low-precision base, dequantized per call
+            y = _LowPrecisionLinear.apply(x, self.weight, self.weight_scale)
+            y = y if self.bias is None else y + self.bias
         # The scale multiplies B (out x r), the smallest tensor on the path, rather than the activations: one small
         # elementwise op instead of one per output element, forward and backward (benchmarks/compute.py).
-        y = F.linear(x, w, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B * self.scale)
+        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B * self.scale)
         if self.folded is None:
             y = y - F.linear(F.linear(x, self.v_A), self.v_B * self.scale)
         return y
 
     def refold(self) -> None:
         if self.folded is not None:
-            self.folded.copy_(self.weight - self.scale * torch.bmm(self.v_B, self.v_A))
+            self.folded.copy_(self.dense_weight() - self.scale * torch.bmm(self.v_B, self.v_A))
 
 
 def _turn_off_fused_attention(model: nn.Module) -> None:
@@ -88,13 +168,22 @@ class LTEModel(nn.Module):
 
     In eval mode the model is the merged base (what a merge with equal weights would give now), so evaluating it is
     evaluating the checkpoint users download.
+
+    `base_dtype` bf16 or int8 (a low-memory peer): the converted layers' frozen weights are held in that dtype on
+    the training device, and the authoritative fp32 copy of them (`master`) in host memory. Merges and hashes only
+    ever read the master (`base_state_dict`, `apply_merge`); `load_base` writes it and re-derives the device copy.
     """
 
     def __init__(self, model: nn.Module, spec: LTESpec, head_ids: Sequence[str], run_seed: int,
-                 rank: int | None = None, scale: float | None = None):
+                 rank: int | None = None, scale: float | None = None, base_dtype: BaseDType = "fp32"):
         super().__init__()
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ConfigError("model: BatchNorm running statistics cannot be split across heads; use a model without BatchNorm")
+        if base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base dtype {base_dtype!r} is not one of {', '.join(BASE_DTYPES)}")
+        self.base_dtype = base_dtype
+        # A plain dict, not buffers: `.to(device)` must leave it in host memory.
+        self.master: dict[str, Tensor] | None = None if base_dtype == "fp32" else {}
         self.spec, self.head_ids, self.run_seed = spec, list(head_ids), run_seed
         self.heads = len(self.head_ids)
         self.rank = rank or spec.rank
@@ -125,9 +214,14 @@ class LTEModel(nn.Module):
                 raise ConfigError(
                     f"lte.rank={self.rank} is larger than layer {name} ({lin.out_features}x{lin.in_features}); "
                     f"use a rank <= {min(lin.in_features, lin.out_features)} or list the layer in lte.dense_modules")
+        # The folded copy W - sV is a dense fp32 matrix per head, as large as the fp32 base: a peer that asks for a
+        # low-precision base wants that memory back, so it runs unfolded (the same math; merges never read it).
+        fold = self.spec.fold and self.master is None
         for name, lin in targets:
             parent, _, child = name.rpartition(".")
-            layer = LoRALinear(lin, self.heads, self.rank, self.scale, self.spec.fold)
+            layer = LoRALinear(lin, self.heads, self.rank, self.scale, fold, self.base_dtype)
+            if self.master is not None:
+                self.master[f"{name}.weight"] = lin.weight.detach().to("cpu", torch.float32, copy=True)
             setattr(self.net.get_submodule(parent) if parent else self.net, child, layer)
             self.layers[name] = layer
         # Every remaining trainable parameter becomes a replica: one copy per head.
@@ -192,13 +286,24 @@ class LTEModel(nn.Module):
         samples = samples or [1.0] * self.heads
         return [self.head_contribution(h, s) for h, s in enumerate(samples)]
 
+    def _base_weights(self) -> dict[str, Tensor]:
+        """The authoritative frozen weights (`<layer>.weight`): the host master when the device copy is low-precision."""
+        if self.master is not None:
+            return dict(self.master)
+        return {f"{n}.weight": l.weight for n, l in self.layers.items()}
+
     @torch.no_grad()
     def base_state_dict(self) -> dict[str, Tensor]:
-        """The shared base as a timm state dict. Replicas are head 0's copy: equal on all heads right after a merge."""
+        """The shared base as a timm state dict. Replicas are head 0's copy: equal on all heads right after a merge.
+        The converted layers' weights are the fp32 master's (in host memory) when the device copy is low-precision."""
         per_head, shared = self._split_state()
+        weights = self._base_weights()
         out = {}
         for key in self.state_keys:
-            out[key] = per_head[key][0].detach().clone() if key in per_head else shared[key].detach().clone()
+            if key in weights:
+                out[key] = weights[key].detach().clone()
+            else:
+                out[key] = per_head[key][0].detach().clone() if key in per_head else shared[key].detach().clone()
         return out
 
     @torch.no_grad()
@@ -208,6 +313,9 @@ class LTEModel(nn.Module):
             return self._merged_cache
         state = self.base_state_dict()
         apply_update(state, merge_contributions(self.contributions(samples), self.scale))
+        if self.master is not None:  # the master's weights are in host memory; eval runs on the training device
+            device = next(iter(self.layers.values())).weight.device
+            state = {k: v.to(device) for k, v in state.items()}
         if samples is None and not self.training:
             self._merged_cache = state
         return state
@@ -226,7 +334,7 @@ class LTEModel(nn.Module):
         `sent` (single-head peers) are the factors as they went over the wire, which is what the base now
         accounts for; with fp16 on the wire they differ slightly from the live factors.
         """
-        state = {f"{n}.weight": l.weight for n, l in self.layers.items()}
+        state = self._base_weights()
         state.update({n: p[0] for n, p in self.replica_parameters()})
         apply_update(state, update)
         self.load_base(state, sent)
@@ -241,7 +349,11 @@ class LTEModel(nn.Module):
         if sent is not None and self.heads != 1:
             raise ValueError("`sent` factors are for single-head peers")
         for n, layer in self.layers.items():
-            layer.weight.copy_(state[f"{n}.weight"])
+            w = state[f"{n}.weight"]
+            if self.master is not None:  # merges apply to the master; the device copy is always derived from it
+                w = self.master[f"{n}.weight"]
+                w.copy_(state[f"{n}.weight"])
+            layer.load_weight(w)
             if self.spec.reset:
                 layer.lora_B.zero_()
                 layer.v_A.zero_()
@@ -258,13 +370,14 @@ class LTEModel(nn.Module):
         self._merged_cache = None
 
 
-def prepare_model(model: nn.Module, spec: LTESpec, run_seed: int = 0, head_ids: Sequence[str] | None = None) -> LTEModel:
+def prepare_model(model: nn.Module, spec: LTESpec, run_seed: int = 0, head_ids: Sequence[str] | None = None,
+                  base_dtype: BaseDType = "fp32") -> LTEModel:
     """Convert any nn.Module (tested on timm ViTs) into an LTE model with `spec.heads` heads."""
     ids = list(head_ids) if head_ids is not None else [f"head{h:03d}" for h in range(spec.heads)]
-    return LTEModel(model, spec, ids, run_seed)
+    return LTEModel(model, spec, ids, run_seed, base_dtype=base_dtype)
 
 
-def mhlora_model(model: nn.Module, spec: LTESpec, run_seed: int = 0) -> LTEModel:
+def mhlora_model(model: nn.Module, spec: LTESpec, run_seed: int = 0, base_dtype: BaseDType = "fp32") -> LTEModel:
     """Multi-head LoRA baseline: W + (s/N) sum_n B_n A_n on one model, never merged.
 
     N rank-r heads summed are exactly one rank-N*r LoRA with scale s/N whose A is the heads' A stacked, so it is
@@ -272,7 +385,7 @@ def mhlora_model(model: nn.Module, spec: LTESpec, run_seed: int = 0) -> LTEModel
     """
     n, r = spec.heads, spec.rank
     one = spec.model_copy(update={"heads": 1, "fold": False})
-    m = LTEModel(model, one, ["mhlora"], run_seed, rank=n * r, scale=spec.scale / n)
+    m = LTEModel(model, one, ["mhlora"], run_seed, rank=n * r, scale=spec.scale / n, base_dtype=base_dtype)
     with torch.no_grad():
         for name, layer in m.layers.items():
             blocks = [init_lora_a(r, layer.in_features, head_seed(run_seed, f"head{h:03d}/{name}"), spec.a_init)

@@ -6,20 +6,19 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from lte.cliargs import OneLineParser, device_available, int_in
 from lte.config import load_spec, parse_overrides
 from lte.errors import ConfigError
 from lte.train import METHODS, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="lte-sim", description=__doc__)
+    ap = OneLineParser(prog="lte-sim", description=__doc__)
     ap.add_argument("--config", required=True, help="run spec YAML (see configs/)")
     ap.add_argument("--method", choices=METHODS, default="lte")
     ap.add_argument("--output", help="write the result JSON here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, help="override optim.steps")
+    ap.add_argument("--steps", type=int_in(1), help="override optim.steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override any spec field, e.g. --set lte.merge_every=20 (repeatable)")
     ap.add_argument("--no-progress", action="store_true")
@@ -33,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is not None:
             overrides.setdefault("optim", {})["steps"] = args.steps
         spec = load_spec(args.config, overrides)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
+        device_available(args.device)
         result = train(spec, args.method, device=args.device, progress=not args.no_progress)
     except ConfigError as err:
         print(f"lte-sim: error: {err}", file=sys.stderr)

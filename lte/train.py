@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lte.config import RunSpec
 from lte.data import batches, eval_loader, load_datasets
-from lte.lora import LTEModel, head_seed, mhlora_model, prepare_model
+from lte.lora import BaseDType, LTEModel, head_seed, mhlora_model, prepare_model
 from lte.models import create_base_model
 
 Method = Literal["full", "lora", "mhlora", "lte", "diloco"]
@@ -75,17 +75,20 @@ class DiLoCoModel(nn.Module):
                 wp.copy_(g)
 
 
-def build_model(spec: RunSpec, method: Method) -> nn.Module:
+def build_model(spec: RunSpec, method: Method, base_dtype: BaseDType = "fp32") -> nn.Module:
+    """`base_dtype` (bf16, int8: the frozen base held in low precision, see LTEModel) applies to the LoRA methods."""
     base = create_base_model(spec.model)
+    if base_dtype != "fp32" and method in ("full", "diloco"):
+        raise ValueError(f"method {method} trains its base weights: it has no frozen base to hold in {base_dtype}")
     if method == "full":
         return base
     if method == "diloco":
         return DiLoCoModel(base, spec.lte.heads, spec.optim.outer_lr, spec.optim.outer_momentum)
     if method == "lora":
-        return prepare_model(base, spec.lte.model_copy(update={"heads": 1}), spec.seed)
+        return prepare_model(base, spec.lte.model_copy(update={"heads": 1}), spec.seed, base_dtype=base_dtype)
     if method == "mhlora":
-        return mhlora_model(base, spec.lte, spec.seed)
-    return prepare_model(base, spec.lte, spec.seed)
+        return mhlora_model(base, spec.lte, spec.seed, base_dtype)
+    return prepare_model(base, spec.lte, spec.seed, base_dtype=base_dtype)
 
 
 def param_groups(model: nn.Module, spec: RunSpec, method: Method) -> list[dict[str, Any]]:
@@ -141,11 +144,11 @@ def autocast(device: str):
 
 
 def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = True,
-          datasets: tuple[Dataset, Dataset] | None = None) -> dict[str, Any]:
+          datasets: tuple[Dataset, Dataset] | None = None, base_dtype: BaseDType = "fp32") -> dict[str, Any]:
     """Train `method` on `spec` and return the result record the simulator prints and saves."""
     torch.manual_seed(spec.seed)
     train_ds, test_ds = datasets or load_datasets(spec.data, spec.seed)
-    model = build_model(spec, method).to(device)
+    model = build_model(spec, method, base_dtype).to(device)
     opt = torch.optim.AdamW(param_groups(model, spec, method), betas=spec.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
     stream: Iterable = batches(train_ds, spec.data.batch_size, spec.seed)
@@ -167,7 +170,7 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
     wall = time.perf_counter() - t0
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     return {
-        "method": method, "run": spec.run, "spec_hash": spec.spec_hash(), "device": device,
+        "method": method, "run": spec.run, "spec_hash": spec.spec_hash(), "device": device, "base_dtype": base_dtype,
         "test_accuracy": evals[-1]["test_accuracy"], "test_loss": evals[-1]["test_loss"],
         "steps": spec.optim.steps, "samples_seen": spec.optim.steps * spec.data.batch_size,
         "merges": merges, "wall_time_s": wall, "steps_per_s": spec.optim.steps / wall,
@@ -197,10 +200,10 @@ class HeadTrainer:
     """
 
     def __init__(self, spec: RunSpec, base_model: nn.Module, head_id: str, train_set: Dataset, batch_size: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", base_dtype: BaseDType = "fp32"):
         self.spec, self.device, self.batch_size = spec, device, batch_size
         one = spec.lte.model_copy(update={"heads": 1})
-        self.model = prepare_model(base_model, one, spec.seed, head_ids=[head_id]).to(device)
+        self.model = prepare_model(base_model, one, spec.seed, head_ids=[head_id], base_dtype=base_dtype).to(device)
         self.opt = torch.optim.AdamW(param_groups(self.model, spec, "lte"), betas=spec.optim.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))

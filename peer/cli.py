@@ -12,9 +12,10 @@ from pathlib import Path
 # FutureWarning on stderr; a failing command must print only its own one-line error there.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
+from lte.cliargs import OneLineParser, device_available, directory_to_create, existing_path, \
+    file_in_existing_directory, int_in, ip_address, port_free, seconds, tcp_port
 from lte.errors import ConfigError
 from lte.net import NetworkError
-from lte.net.node import prepare_process
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -25,40 +26,68 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="lte-peer", description=__doc__)
+    ap = OneLineParser(prog="lte-peer", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     j = sub.add_parser("join", help="train a LoRA head and take part in the run's merge rounds")
     j.add_argument("--dht", required=True, help="the coordinator's multiaddr, as printed by lte-coordinator")
     j.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10"], help="override the run's data set")
     j.add_argument("--data", help="path to your own data (ImageFolder, or CIFAR-10 files with --dataset cifar10)")
     j.add_argument("--shard", type=_shard, default=(0, 1), help="train on shard I of N (default 0/1)")
-    j.add_argument("--batch-size", type=int, help="local batch (default: the run's batch / heads)")
+    j.add_argument("--batch-size", type=int_in(1), help="local batch (default: the run's batch / heads)")
     j.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    j.add_argument("--base-dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="hold the frozen base weights on --device in this dtype (default fp32); merges and hash "
+                        "checks use an fp32 copy in host memory, so the run's bases stay bit-identical")
     j.add_argument("--name", help="a display name for logs")
-    j.add_argument("--max-rounds", type=int, help="leave after this many merged rounds")
+    j.add_argument("--max-rounds", type=int_in(1), help="leave after this many merged rounds")
     j.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT); without it, detected by a dial-back")
     j.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs of a port-forwarded host")
-    j.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    j.add_argument("--port", type=int, default=0)
-    j.add_argument("--metrics-port", type=int,
+    j.add_argument("--host", type=ip_address, default="127.0.0.1", help="address to listen on")
+    j.add_argument("--port", type=tcp_port, default=0, help="DHT/libp2p TCP port (0: any free port)")
+    j.add_argument("--metrics-port", type=tcp_port,
                    help="serve Prometheus metrics on this port of --host (0: any free port)")
     j.add_argument("--identity", help="file that keeps this peer's id stable (created if missing)")
-    j.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    j.add_argument("--threads", type=int_in(1), help="CPU threads for torch (default: torch's choice)")
     j.add_argument("--no-progress", action="store_true")
     j.add_argument("--json", action="store_true", help="print one JSON object per event")
     d = sub.add_parser("download", help="download a verified checkpoint of the run (no training, no data)")
     d.add_argument("--dht", required=True, help="the coordinator's multiaddr, as printed by lte-coordinator")
-    d.add_argument("--round", type=int, help="the checkpoint of this round (default: the latest)")
+    d.add_argument("--round", type=int_in(0), help="the checkpoint of this round (default: the latest)")
     d.add_argument("--out", required=True, type=Path, help="directory to put round-NNNNNN/ in (created if missing)")
-    d.add_argument("--host", default="127.0.0.1", help="address of the local DHT node")
-    d.add_argument("--timeout", type=float, default=30.0, help="seconds to find the run and its checkpoint list")
+    d.add_argument("--host", type=ip_address, default="127.0.0.1", help="address of the local DHT node")
+    d.add_argument("--timeout", type=seconds, default=30.0, help="seconds to find the run and its checkpoint list")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--json", action="store_true", help="print one JSON object when done")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be checked without joining the run, cheapest first: bad input is
+    refused within seconds, before any process or file is created. Raises ConfigError or NetworkError."""
+    joining = args.command == "join"
+    if not joining:
+        directory_to_create(args.out, "--out")
+    else:
+        if args.data is not None:
+            existing_path(args.data, "--data")
+        if args.identity is not None:
+            file_in_existing_directory(args.identity, "--identity")
+        port_free(args.host, args.port, "--port")
+        port_free(args.host, args.metrics_port, "--metrics-port")
+        device_available(args.device)
+    from lte.net.node import check_node_inputs  # hivemind's address parser: seconds to import
+    check_node_inputs([args.dht], args.announce_maddrs if joining else (), args.identity if joining else None)
+
+
+def main(argv: list[str] | None = None, peer_class: type | None = None) -> int:
+    """`peer_class` replaces peer.service.Peer (tests run hostile peers through the same command)."""
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except (ConfigError, NetworkError) as err:
+        print(f"lte-peer: error: {err}", file=sys.stderr)
+        return 2
+    from lte.net.node import prepare_process
     prepare_process()
     if args.command == "download":
         from peer import download
@@ -74,18 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # None: followed the round, no training
             print(f"[{name}] round {event['round']:4d}  peers {event['peers']}  loss {loss}  "
                   f"base {event['base_hash'][:12]}  received {sum(event['bytes_received'].values())} B", flush=True)
-        else:
+        elif event["event"] != "phase":  # four a round: for --json readers (tools, tests), too chatty for people
             print(f"[{name}] {event['event']} at round {event.get('round')}", flush=True)
 
     peer = server = None
     try:
-        if args.batch_size is not None and args.batch_size <= 0:
-            raise ConfigError("--batch-size must be positive")
         from peer.metrics import PeerMetrics
         metrics = PeerMetrics()
         if args.metrics_port is not None:
-            if not 0 <= args.metrics_port <= 65535:
-                raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port")
             server = metrics.serve(args.host, args.metrics_port)
             url = f"http://{args.host}:{server.port}/metrics"
             print(json.dumps({"name": name, "event": "metrics", "url": url}) if args.json
@@ -94,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         opts = PeerOptions(dht=args.dht, dataset=args.dataset, data=args.data, shard=args.shard,
-                           batch_size=args.batch_size, device=args.device, name=args.name, max_rounds=args.max_rounds,
+                           batch_size=args.batch_size, device=args.device, base_dtype=args.base_dtype,
+                           name=args.name, max_rounds=args.max_rounds,
                            client_mode=args.client_mode, announce_maddrs=tuple(args.announce_maddrs),
                            identity=args.identity, host=args.host, port=args.port, progress=not args.no_progress)
-        peer = Peer(opts, log, metrics)
+        peer = (peer_class or Peer)(opts, log, metrics)
         peer.run_forever()
         return 0
     except (ConfigError, NetworkError, OSError) as err:

@@ -22,10 +22,9 @@ from tqdm import tqdm
 from lte.checkpoint import META_FILE, MODEL_FILE, CheckpointError, parse_meta, verify_meta
 from lte.errors import ConfigError
 from lte.net import BlobIntegrityError, NetworkError
-from lte.net.blobs import BlobService
 from lte.net.node import shutdown_node, start_dht
 from lte.net.records import read_signed
-from lte.net.rounds import checkpoints_key, run_prefix
+from lte.net.rounds import checkpoints_key
 from peer.service import find_run
 
 CHECKPOINT = "checkpoint"  # traffic kind, as the coordinator counts it
@@ -71,12 +70,11 @@ def download(opts: DownloadOptions, log: Callable[[str], None] = lambda line: No
     dht = blobs = partial = None
     try:
         dht = start_dht([opts.dht], host=opts.host, client_mode=True)
-        owner, record = find_run(dht, coordinator, opts.timeout)
+        owner, record, blobs = find_run(dht, coordinator, opts.timeout)
         run = str(record.get("spec", {}).get("run", ""))
         entry = _pick(_checkpoint_list(dht, run, owner, opts.timeout), opts.round, run)
         round_id = int(entry["round"])
         log(f"run {run}: fetching checkpoint round {round_id} ({entry.get('bytes', 0):,} bytes) from {coordinator}")
-        blobs = BlobService(dht, namespace=run_prefix(run))
         opts.out.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=opts.out))  # one per download: several may run at once
         partial.chmod(0o755)  # mkdtemp's 0700 would stay on round-NNNNNN/
@@ -114,9 +112,6 @@ def download(opts: DownloadOptions, log: Callable[[str], None] = lambda line: No
 
 def main(args: Any) -> int:
     """`lte-peer download` after argument parsing (peer/cli.py)."""
-    if args.round is not None and args.round < 0:
-        print("lte-peer: error: --round must be a round number (0 or more)", file=sys.stderr)
-        return 2
     opts = DownloadOptions(dht=args.dht, out=args.out, round=args.round, host=args.host, timeout=args.timeout,
                            progress=not args.no_progress and not args.json)
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))

@@ -16,9 +16,9 @@ from prometheus_client.registry import Collector
 from lte.net.counters import TrafficCounter
 from lte.net.metrics import RoundEvents, fetch_failure_reason, run_info, traffic_families
 
-# What a peer refuses: a merged base that differs from the committed hash (it then downloads the base), and a
-# fetched blob whose bytes do not hash to their address.
-REJECT_REASONS = ("hash_mismatch", "blob_hash_mismatch")
+# What a peer refuses: a merged base that differs from the committed hash (it then downloads the base), a fetched
+# blob whose bytes do not hash to their address, and a commit that lists a contribution its own checks reject.
+REJECT_REASONS = ("hash_mismatch", "blob_hash_mismatch", "commit_invalid")
 
 
 class PeerMetrics(Collector):

@@ -20,8 +20,9 @@ from lte.config import RunSpec, spec_from_dict
 from lte.data import load_datasets, shard
 from lte.errors import ConfigError
 from lte.merge import apply_update
-from lte.models import create_base_model
+from lte.models import check_fits, create_base_model
 from lte.net import GroupNotFound, NetworkError
+from lte.net.access import unlisted
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
@@ -32,12 +33,16 @@ from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, alive_key,
                             factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
                             run_prefix, spec_key)
 from lte.train import HeadTrainer
+from lte.validate import Rejected, update_norm
 from lte.wire import Layout, pack_factors, pack_replicas
 
 from peer.metrics import PeerMetrics
 
 
 RETRY_S = 60.0
+# float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
+# was accepted by the coordinator's own computation
+NORM_TOLERANCE = 1e-9
 
 
 class RunFinished(Exception):
@@ -52,6 +57,7 @@ class PeerOptions:
     shard: tuple[int, int] = (0, 1)
     batch_size: int | None = None
     device: str = "cpu"
+    base_dtype: str = "fp32"  # the frozen base on the device: fp32, bf16 or int8 (an fp32 master stays in host memory)
     name: str | None = None
     max_rounds: int | None = None
     client_mode: bool = False
@@ -63,20 +69,39 @@ class PeerOptions:
     join_timeout: float = 30.0
 
 
-def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
-    """The run record signed by the coordinator we were pointed at (its peer id is in the --dht address): its
-    owner tag (the key every later record of the run must be signed with) and its value (spec, settings)."""
+def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any], BlobService]:
+    """The run record of the coordinator we were pointed at (its peer id is in the --dht address): its owner tag
+    (the key every later record of the run must be signed with), its value (spec, settings), and a blob service in
+    the run's namespace.
+
+    Anyone can store a well-signed record under the run's key with their own key, so a record counts only if the
+    coordinator itself, asked over libp2p (which authenticates its peer id), names that record's owner tag."""
     deadline = time.monotonic() + timeout
-    while True:
-        found = [r for r in read_signed_all(dht, spec_key(coordinator)).values()
-                 if isinstance(r.value, dict) and r.value.get("coordinator") == coordinator]
-        if len(found) > 1:
-            raise NetworkError(f"several signed records claim coordinator {coordinator}: refusing to guess")
-        if found:
-            return found[0].owner, found[0].value
-        if time.monotonic() > deadline:
-            raise NetworkError(f"no run record from coordinator {coordinator} within {timeout:.0f} s")
-        time.sleep(0.5)
+    services: dict[str, BlobService] = {}
+    owners: dict[str, bytes] = {}
+    try:
+        while True:
+            for r in read_signed_all(dht, spec_key(coordinator)).values():
+                value = r.value if isinstance(r.value, dict) else {}
+                spec = value.get("spec")
+                if value.get("coordinator") != coordinator or not isinstance(spec, dict):
+                    continue
+                ns = run_prefix(str(spec.get("run", "")))
+                if ns not in owners:
+                    if ns not in services:
+                        services[ns] = BlobService(dht, namespace=ns)
+                    try:
+                        owners[ns] = services[ns].owner_of(coordinator, timeout=5.0)
+                    except NetworkError:
+                        continue  # no answer (yet) in that namespace: ask again next time
+                if owners[ns] == r.owner:
+                    return r.owner, r.value, services.pop(ns)
+            if time.monotonic() > deadline:
+                raise NetworkError(f"no run record from coordinator {coordinator} within {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        for service in services.values():
+            service.close()
 
 
 class Peer:
@@ -89,20 +114,24 @@ class Peer:
                                  announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity)
             self.peer_id = self.dht.peer_id.to_base58()
             self.coordinator = opts.dht.rsplit("/p2p/", 1)[-1]
-            self.owner, record = find_run(self.dht, self.coordinator, opts.join_timeout)
+            self.owner, record, self.blobs = find_run(self.dht, self.coordinator, opts.join_timeout)
             self.spec: RunSpec = self._check_spec(record)
+            self.allow = record.get("allow")
+            self._check_allowed()
             self.run = self.spec.run
             self.wire = record.get("wire", "raw")
             self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
-            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
             self.client_mode = opts.client_mode or self._switch_to_client_mode_if_unreachable()
             self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=self.client_mode)
             train_set = load_datasets(self._data_spec(), self.spec.seed)[0]
             idx, count = opts.shard
             batch = opts.batch_size or self.spec.data.batch_size // self.spec.lte.heads
-            self.trainer = HeadTrainer(self.spec, create_base_model(self.spec.model), self.peer_id,
-                                       shard(train_set, idx, count, self.spec.seed), batch, opts.device)
+            base = create_base_model(self.spec.model)
+            check_fits(base, train_set, f"this peer's data ({self._data_spec().dataset})")
+            self.trainer = HeadTrainer(self.spec, base, self.peer_id,
+                                       shard(train_set, idx, count, self.spec.seed), batch, opts.device,
+                                       opts.base_dtype)
             self.layout = Layout.of(self.trainer.model)
             self.metrics.joined(self.run, self.spec.spec_hash(), lambda: self.blobs.traffic if self.blobs else None)
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
@@ -121,9 +150,13 @@ class Peer:
         spec = spec_from_dict(record.get("spec", {}), "run spec")
         if spec.spec_hash() != record.get("spec_hash"):
             raise ConfigError("run spec does not match its published hash: refusing it")
-        if self.opts.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
         return spec
+
+    def _check_allowed(self) -> None:
+        """A closed run that does not list us would never merge our work: say so now, in one line."""
+        if unlisted([self.peer_id], self.allow):
+            raise ConfigError(f"run {self.spec.run} is closed and does not list this peer ({self.peer_id}): send that "
+                              "id to the run's organizer, and keep --identity FILE so that it stays the same")
 
     def _switch_to_client_mode_if_unreachable(self) -> bool:
         """Detect NAT: ask the coordinator to open a new connection to the addresses we announce. If none opens,
@@ -143,6 +176,7 @@ class Peer:
         self.dht = start_dht([self.opts.dht], host=self.opts.host, port=0, client_mode=True,
                              identity_path=self.opts.identity)
         self.peer_id = self.dht.peer_id.to_base58()  # a new one unless --identity keeps it
+        self._check_allowed()
         self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
         return True
 
@@ -174,6 +208,7 @@ class Peer:
         if state_hash(state) != rec["hash"]:
             raise NetworkError("downloaded base does not match the coordinator's signed hash")
         self._set_base(state, int(rec["round"]), None)
+        self.base_hash = rec["hash"]
         self.metrics.resynced(self.round)
         self.log({"event": "resync", "round": self.round, "base_hash": rec["hash"]})
 
@@ -194,6 +229,7 @@ class Peer:
 
     # ----- rounds -------------------------------------------------------------------------------------------
     def train_round(self) -> None:
+        self._phase("train", self.round)
         t0 = time.perf_counter()
         n, loss = self.trainer.train_steps(self.spec.lte.merge_every, self.opts.progress, f"round {self.round}")
         self.train_seconds = time.perf_counter() - t0
@@ -207,21 +243,12 @@ class Peer:
         rec = self._open_round()
         if rec is None:
             return False
-        f_sha = self._put_own_factors(k)
-        r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
-        if self.client_mode:  # nobody can reach us: the coordinator serves our blobs
-            shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
-            if self.prev_sha:
-                shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
-            for sha in shas:
-                self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
-        mean_loss = sum(self.losses) / max(1, len(self.losses))
-        digest = Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=mean_loss, t=self.train_seconds,
-                        spec=self.spec.spec_hash(), client=self.client_mode).to_dict()
+        announced = self._announce(k)
         close = float(rec["close"])
         now = get_dht_time()
+        self._phase("agree", k)
         try:
-            gathered = self.members.agree(k, digest, deadline_s=max(1.0, close - now) + 3.0,
+            gathered = self.members.agree(k, announced.to_dict(), deadline_s=max(1.0, close - now) + 3.0,
                                           min_size=int(rec.get("min_size", 2)), scheduled_time=max(close, now + 0.5))
         except GroupNotFound:
             gathered = {}
@@ -232,11 +259,33 @@ class Peer:
             if int(self._base_record()["round"]) != k:
                 self.resync()
             return False
+        self._phase("fetch", k, members=len(gathered) - 1)  # a member now: the coordinator fetches our blobs
         commit = self._wait_commit(k)
         if commit is None:
-            self.resync()
+            # The coordinator died or restarted mid-round. While the base record still names the base we hold, keep
+            # the progress and train on, as when no group formed; a resync would drop it, and with the coordinator
+            # down its download blocks for a minute instead of training.
+            reconnect(self.dht, self.opts.dht)
+            rec = self._base_record()
+            if int(rec["round"]) != k or rec["hash"] != self.base_hash:
+                self.resync()
             return False
-        return self._apply_commit(k, commit, f_sha, mean_loss, close)
+        self._phase("merge", k, member=self.peer_id in commit["members"])
+        return self._apply_commit(k, commit, announced.f, announced.loss, close)
+
+    def _announce(self, k: int) -> Digest:
+        """Store this round's blobs (pushing them to the coordinator in client mode) and the digest that
+        announces them to the round's members."""
+        f_sha = self._put_own_factors(k)
+        r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
+        if self.client_mode:  # nobody can reach us: the coordinator serves our blobs
+            shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
+            if self.prev_sha:
+                shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
+            for sha in shas:
+                self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
+        return Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=sum(self.losses) / max(1, len(self.losses)),
+                      t=self.train_seconds, spec=self.spec.spec_hash(), client=self.client_mode, k=k)
 
     def _open_round(self) -> dict[str, Any] | None:
         """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
@@ -265,7 +314,13 @@ class Peer:
         if commit is None:
             self.resync()
             return False
+        self._phase("merge", k, member=False)
         return self._apply_commit(k, commit, None, None, close)
+
+    def _phase(self, phase: str, round_id: int, **detail: Any) -> None:
+        """Say which part of a round starts now (train, agree, fetch, merge): what an operator reads to see where a
+        peer hangs, and what fault tests time their signals by."""
+        self.log({"event": "phase", "phase": phase, "round": round_id, **detail})
 
     def _behind_schedule(self) -> bool:
         """True right after a resync when our last T steps took longer than what is left of the round's window."""
@@ -283,10 +338,18 @@ class Peer:
         model = self.trainer.model
         state = model.base_state_dict()
         if members:
-            state = self._merge_committed(k, members, sources, f_sha, state)
+            try:
+                if unlisted(members, self.allow):
+                    raise Rejected("unauthorized", f"the commit merges unlisted peers {unlisted(members, self.allow)}")
+                state = self._merge_committed(k, members, sources, f_sha, state, float(commit.get("bound", "inf")))
+            except Rejected as err:  # the coordinator committed what our own checks refuse: never merge it
+                self.metrics.reject("commit_invalid")
+                self.log({"event": "commit_invalid", "round": k, "error": str(err)})
+                self.resync()
+                return False
         self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
         self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
-        h = state_hash(model.base_state_dict())
+        h = self.base_hash = state_hash(model.base_state_dict())
         if h != commit["hash"]:
             self.metrics.reject("hash_mismatch")
             self.log({"event": "hash_mismatch", "round": k + 1, "ours": h, "committed": commit["hash"]})
@@ -294,6 +357,9 @@ class Peer:
             return False
         publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h)
         received = {kind: v - before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
+        rejected = commit.get("rejected", {}).get(self.peer_id)
+        if rejected and f_sha is not None:
+            self.log({"event": "contribution_rejected", "round": k, "reason": rejected})
         self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
                   "followed": f_sha is None, "latency_s": get_dht_time() - close,
                   "samples": members[self.peer_id].n if self.peer_id in members else 0,
@@ -303,13 +369,20 @@ class Peer:
         return True
 
     def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str | None,
-                         state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                         state: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
         """The base after round k: factor-path layers and replicas from the members' blobs, dense-path layers by
-        owner-computes reduce (falling back to factors, which give the same bytes, if any owner fails)."""
+        owner-computes reduce (falling back to factors, which give the same bytes, if any owner fails).
+
+        Every fetched contribution passes the same checks as at the coordinator (lte/validate.py; raises Rejected):
+        fetch_contributions checks the tensors, and here the update norm against the committed bound."""
         dense = round_dense_layers(self.layout, members, self.paths) if self.peer_id in members else []
         factor_layers = [l for l in self.layout.layers if l not in dense]
         contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout,
                                             factor_layers)
+        for c in contributions:
+            norm = update_norm(c, state)
+            if norm > bound * (1 + NORM_TOLERANCE):
+                raise Rejected("norm_outlier", f"committed member {c.head_id} has update norm {norm:.6g} > {bound:.6g}")
         old = dict(state)
         apply_update(state, merge_contributions(contributions, self.spec.lte.scale))
         if dense:

@@ -347,12 +347,14 @@ class Network:
 class Observer:
     """A client-mode DHT node in the test process that reads what a run publishes: base hashes and commits."""
 
-    def __init__(self, join: str):
+    def __init__(self, join: str, coordinator: str | None = None):
+        """Join the swarm through `join`: the coordinator's address, or any node's when `coordinator` (its peer id)
+        is given."""
         from lte.net.node import start_dht, use_fork_start_method
         from lte.net.procs import restore_sigint
 
         use_fork_start_method()  # hivemind's processes cannot be spawned
-        self.coordinator = join.rsplit("/p2p/", 1)[-1]
+        self.coordinator = coordinator or join.rsplit("/p2p/", 1)[-1]
         self.dht = start_dht([join], client_mode=True)
         restore_sigint()  # hivemind ignores Ctrl+C in the process that starts a DHT; keep pytest interruptible
         self._owner: bytes | None = None

@@ -166,11 +166,12 @@ def _peer_exits_with(args: list[str], timeout: float = 120.0) -> tuple[int, str]
 @pytest.mark.timeout(300)
 def test_peer_refuses_a_bad_metrics_port() -> None:
     rc, err = _peer_exits_with(["--metrics-port", "70000"])
-    assert (rc, err) == (2, "lte-peer: error: --metrics-port 70000 is not a TCP port")
+    assert (rc, err) == (2, "lte-peer join: error: argument --metrics-port: 70000 is out of range (must be in "
+                            "0..65535) (see --help)")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         rc, err = _peer_exits_with(["--metrics-port", str(port)])
-    assert rc == 2 and err.startswith(f"lte-peer: error: cannot serve metrics on 127.0.0.1:{port}: "), err
+    assert rc == 2 and err.startswith(f"lte-peer: error: --metrics-port {port}: cannot listen on 127.0.0.1:{port}: "), err
     assert "\n" not in err and "Traceback" not in err

@@ -4,7 +4,7 @@ Three network runs (the first two are module-scoped fixtures shared by several t
 tests look at it):
 
 - a healthy run: coordinator + 3 peers, one behind (simulated) NAT that must detect it and switch to client mode,
-  every round with all three (--min-peers 3), factors on the wire in fp16;
+  every round with all three (--min-peers 3), factors on the wire in fp16, one peer with an int8 base (--base-dtype);
 - a fault run: coordinator + 3 peers; one peer is SIGKILLed while a round is in progress, then restarted with
   the same identity, and a fourth peer joins late; its coordinator forces `--paths dense`, so the
   owner-computes reduce runs under churn too (the other runs use the factor path, `auto` for this model);
@@ -130,8 +130,10 @@ def healthy_run(tmp_path_factory) -> Run:
     spec = write_spec(wd)
     with Network(wd / "logs") as net:
         # p1 sits "behind NAT": it announces an address nobody can connect to, so it must detect that and switch
-        # to client mode by itself.
-        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], extra={"p1": ["--announce-maddrs", NAT_ADDR]})
+        # to client mode by itself. p2 holds its frozen base in int8 (an fp32 master in host memory): its hash
+        # must still equal everyone's every round.
+        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], extra={"p1": ["--announce-maddrs", NAT_ADDR],
+                                                                         "p2": ["--base-dtype", "int8"]})
         coord, join = net.coordinator(spec, wd / "ck", "--max-rounds", str(HEALTHY_ROUNDS), "--min-peers", "3",
                                       "--checkpoint-every", "1000", "--wire", "fp16", *FAST)
         for p in peers.values():
@@ -252,13 +254,17 @@ class ForeignRun:
         from lte.net.node import start_dht, visible_maddrs
         from lte.net.procs import restore_sigint
         from lte.net.records import default_validators, load_or_create_private_key, owner_tag, publish_signed
-        from lte.net.rounds import spec_key
+        from lte.net.blobs import BlobService
+        from lte.net.rounds import run_prefix, spec_key
 
         key = load_or_create_private_key(workdir / f"{name}.key")
         self.dht = start_dht([], validators=default_validators(key))
+        self.blobs = None
         restore_sigint()
         try:
             pid = self.dht.peer_id.to_base58()
+            # it names its owner tag when asked, as every coordinator does (peers take no record otherwise)
+            self.blobs = BlobService(self.dht, namespace=run_prefix(record["spec"]["run"]), owner=owner_tag(key))
             publish_signed(self.dht, spec_key(pid), {**record, "coordinator": pid}, owner_tag(key), ttl=600)
             self.join = visible_maddrs(self.dht)[0]
         except BaseException:
@@ -266,9 +272,9 @@ class ForeignRun:
             raise
 
     def close(self) -> None:
-        from lte.net.node import shutdown_dht
+        from lte.net.node import shutdown_node
 
-        shutdown_dht(self.dht)
+        shutdown_node(self.blobs, dht=self.dht)
 
 
 def one_stderr_line(proc: Proc) -> str:

@@ -7,9 +7,9 @@ in sorted peer order with the same `merge_contributions` the coordinator uses on
 resulting new base rows; everyone then fetches every owner's rows. Each peer receives about 2 (M-1)/M of a layer
 instead of (M-1) factor pairs.
 
-Slice addresses are announced in plain DHT records. Nothing here is trusted: the peer checks the resulting base
-against the coordinator's signed hash, and any failure makes it fall back to the factor path, which gives the
-same bytes.
+Slice addresses are announced in plain DHT records. Nothing here is trusted: every slice and every owner's rows
+are checked for shape, dtype and finiteness, any failure makes the peer fall back to the factor path (which gives
+the same bytes), and the peer checks the resulting base against the coordinator's signed hash.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lte.net import NetworkError
 from lte.net.blobs import BlobService
 from lte.net.records import publish, read
 from lte.net.rounds import DENSE_REDUCED, DENSE_SLICES, Digest, fetch_from, member_delta
+from lte.validate import Rejected, check_tensors
 
 
 def row_bounds(rows: int, owners: int) -> list[tuple[int, int]]:
@@ -45,7 +46,17 @@ def _wait_for(dht, key: str, names: Sequence[str], deadline: float) -> dict:
 def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, members: Mapping[str, Digest],
                    own: Mapping[str, tuple[Tensor, Tensor]], own_prev: Mapping[str, tuple[Tensor, Tensor]] | None,
                    base: Mapping[str, Tensor], layers: Sequence[str], scale: float, timeout: float) -> dict[str, Tensor]:
-    """New base weights of `layers` (keys `<layer>.weight`) after round `round_id`, via owner-computes reduce."""
+    """New base weights of `layers` (keys `<layer>.weight`) after round `round_id`, via owner-computes reduce.
+    Raises NetworkError for anything that goes wrong, including malformed announcements from other members."""
+    try:
+        return _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout)
+    except NetworkError:
+        raise
+    except Exception as err:  # unsigned records and others' blobs can hold anything: never crash the peer for it
+        raise NetworkError(f"dense path: {type(err).__name__}: {err}") from None
+
+
+def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout):
     owners = sorted(members)
     pos = owners.index(me)
     deadline = time.monotonic() + timeout
@@ -55,6 +66,13 @@ def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, me
     def rows(t: Tensor, l: str, j: int) -> Tensor:
         lo, hi = bounds[l][j]
         return t[lo:hi].contiguous()
+
+    def checked(what: str, tensors: list[Tensor], j: int) -> list[Tensor]:
+        shapes = [(bounds[l][j][1] - bounds[l][j][0], deltas[l].shape[1]) for l in layers]
+        try:
+            return check_tensors(what, tensors, shapes)
+        except Rejected as err:  # fall back to the factors, which are checked like at the coordinator
+            raise NetworkError(f"dense path: {err}") from None
 
     # 1. Serve one slice of my delta to each owner, and say where.
     shas = [blobs.put([rows(deltas[l], l, j) for l in layers], kind=DENSE_SLICES, round_id=round_id)
@@ -69,7 +87,8 @@ def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, me
             mine[pid] = [rows(deltas[l], l, pos) for l in layers]
         else:
             sha = announced[pid]["s"][pos]
-            mine[pid] = fetch_from(blobs, [pid], [sha], DENSE_SLICES, round_id, max(1.0, deadline - time.monotonic()))[0]
+            mine[pid] = checked(f"slice from {pid}", fetch_from(blobs, [pid], [sha], DENSE_SLICES, round_id,
+                                                                max(1.0, deadline - time.monotonic()))[0], pos)
     contributions = [HeadContribution(pid, members[pid].n, {}, {}, None, dict(zip(layers, mine[pid]))) for pid in owners]
     update = merge_contributions(contributions, scale)
     new_rows = [(rows(base[f"{l}.weight"], l, pos).to(torch.float64) + update.deltas[l]).to(base[f"{l}.weight"].dtype)
@@ -80,6 +99,6 @@ def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, me
     done = _wait_for(dht, reduced_key, owners, deadline)
     parts = {}
     for j, pid in enumerate(owners):
-        parts[j] = new_rows if pid == me else fetch_from(
-            blobs, [pid], [done[pid]], DENSE_REDUCED, round_id, max(1.0, deadline - time.monotonic()))[0]
+        parts[j] = new_rows if pid == me else checked(f"rows from {pid}", fetch_from(
+            blobs, [pid], [done[pid]], DENSE_REDUCED, round_id, max(1.0, deadline - time.monotonic()))[0], j)
     return {f"{l}.weight": torch.cat([parts[j][i] for j in range(len(owners))], 0) for i, l in enumerate(layers)}

@@ -34,6 +34,14 @@ class BlobIntegrityError(BlobFetchError):
     """The bytes received do not hash to the requested address: a faulty or malicious sender."""
 
 
+class BlobTruncated(BlobIntegrityError):
+    """The sender's stream ended before the blob was complete (tried again while the timeout lasts)."""
+
+
+class BlobMalformed(BlobFetchError):
+    """The bytes hash to their address but do not decode as tensors: the sender built a broken blob."""
+
+
 class BlobTimeout(BlobFetchError, TimeoutError):
     """The transfer did not finish in time."""
 

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 
 from lte.net.counters import TrafficCounter
-from lte.net.errors import BlobFetchError, BlobIntegrityError
+from lte.net.errors import BlobFetchError, BlobIntegrityError, BlobMalformed, BlobTruncated
+from lte.validate import Rejected
 
 # Rounds last from seconds (a tiny model on one machine) to many minutes (large T on slow volunteers).
 ROUND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
@@ -38,10 +39,17 @@ def run_info(run: str, spec_hash: str) -> Metric:
 
 
 def fetch_failure_reason(err: BaseException) -> str:
-    """Why a member's blobs could not be used: `blob_hash_mismatch` when bytes arrived that do not hash to their
-    address (a faulty or malicious sender), otherwise `fetch_failed` (gone, too slow, blob not found)."""
+    """Why a member's blobs could not be used (a `lte.validate.REASONS` label): the content check that failed,
+    `blob_truncated` / `blob_hash_mismatch` / `malformed` when the bytes that arrived were broken (a faulty or
+    malicious sender), otherwise `fetch_failed` (gone, too slow, blob not found)."""
+    if isinstance(err, Rejected):
+        return err.reason
     errors = [err, *(err.failures.values() if isinstance(err, BlobFetchError) else ())]
-    return "blob_hash_mismatch" if any(isinstance(e, BlobIntegrityError) for e in errors) else "fetch_failed"
+    for cls, reason in ((BlobTruncated, "blob_truncated"), (BlobIntegrityError, "blob_hash_mismatch"),
+                        (BlobMalformed, "malformed")):
+        if any(isinstance(e, cls) for e in errors):
+            return reason
+    return "fetch_failed"
 
 
 class RoundEvents:

@@ -7,6 +7,7 @@ no DHT or p2pd process behind, and the node dies with its parent instead of ling
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
@@ -29,8 +30,8 @@ from lte.net.procs import (
 from lte.net.records import default_validators
 
 __all__ = [
-    "BOOTSTRAP_MARGIN_S", "install_signal_handlers", "prepare_process", "reconnect", "shutdown_dht", "shutdown_node",
-    "start_dht", "use_fork_start_method", "visible_maddrs",
+    "BOOTSTRAP_MARGIN_S", "check_node_inputs", "install_signal_handlers", "prepare_process", "reconnect",
+    "shutdown_dht", "shutdown_node", "start_dht", "use_fork_start_method", "visible_maddrs",
 ]
 
 # Time allowed on top of p2pd's startup_timeout for the DHT to ping its initial peers (hivemind's
@@ -70,8 +71,7 @@ def start_dht(
     Raises NetworkError, with a one-line reason, on a malformed address or when the node cannot start or
     reach any initial peer. Stop the node with `shutdown_dht`.
     """
-    peers = [_parse_peer_maddr(item) for item in initial_peers]
-    announce = [_parse_maddr(item, "announce address") for item in announce_maddrs or ()]
+    peers, announce = check_node_inputs(initial_peers, announce_maddrs or (), identity_path)
     dht = _AppDHT(
         initial_peers=peers or None,
         start=False,
@@ -98,6 +98,23 @@ def start_dht(
         raise
     stop_at_exit(dht, shutdown_dht)
     return dht
+
+
+def check_node_inputs(initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = (),
+                      identity_path: str | None = None) -> tuple[list[str], list[str]]:
+    """What `start_dht` checks before it starts any process, for a program to call first and refuse bad input at
+    once. Returns the initial peers and announce addresses, normalised; raises NetworkError with a one-line reason.
+    """
+    peers = [_parse_peer_maddr(item) for item in initial_peers]
+    announce = [_parse_maddr(item, "announce address") for item in announce_maddrs]
+    if identity_path is not None and os.path.isfile(identity_path):  # a missing one is created
+        try:
+            with open(identity_path, "rb") as f:
+                PeerID.from_identity(f.read())
+        except Exception as e:  # noqa: BLE001 (protobuf and crypto errors alike mean: not an identity file)
+            # otherwise p2pd fails on it, after a start and with a protobuf message
+            raise NetworkError(f"{identity_path} is not a libp2p identity file: {one_line(e)}") from None
+    return peers, announce
 
 
 async def _dial_and_ping(maddr: str, _dht: hivemind.DHT, node: Any) -> bool:
@@ -203,3 +220,5 @@ def prepare_process() -> None:
     # (a round nobody else joined); our own code reports what matters in one line.
     for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # p2pd's INFO lines ("Checking that identity ... is not used") would be a second stderr line of a failed start
+    logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from lte.net.errors import NetworkError
 
 # DHT values above ~1 MiB crash hivemind's DHT process (pipe error); stay far below.
 MAX_RECORD_BYTES = 64 * 1024
+PUBLISH_ATTEMPTS = 3  # publish_signed: tries before a refusal counts
 
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -137,10 +139,18 @@ def publish_signed(dht: hivemind.DHT, key: str, value: Any, owner: bytes, ttl: f
     """Publish `value` under `key` in `owner`'s subkey; `dht` must have been started with the owner's key.
 
     Republish before `ttl` runs out to keep the record alive. Raises NetworkError when the DHT refuses the
-    record, which is what happens when `dht` signs with a different key than `owner`'s.
+    record every time, which is what happens when `dht` signs with a different key than `owner`'s.
+
+    Tried again after a refusal: hivemind reports the verdict of whichever replica answered last, so a single
+    replica's refusal fails a store that others took. A coordinator must not end its run for that; it did once in
+    `tests/test_faults.py` (its checkpoint list refused while a peer was stalled).
     """
-    if not publish(dht, key, value, ttl, subkey=owner):
-        raise NetworkError(f"DHT refused signed record {key!r} (is the DHT running with owner {fingerprint(owner)}?)")
+    for attempt in range(PUBLISH_ATTEMPTS):
+        if attempt:
+            time.sleep(0.5 * attempt)
+        if publish(dht, key, value, ttl, subkey=owner):
+            return
+    raise NetworkError(f"DHT refused signed record {key!r} (is the DHT running with owner {fingerprint(owner)}?)")
 
 
 def read_signed(dht: hivemind.DHT, key: str, owner: bytes) -> SignedRecord | None:

@@ -8,6 +8,7 @@ merges from factors; layers where the dense path is cheaper for the group that f
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -16,10 +17,13 @@ from torch import Tensor
 
 from lte.costs import layer_cost
 from lte.merge import HeadContribution
+from lte.validate import Rejected, check_tensors
 from lte.net.blobs import BlobService
 from lte.wire import Layout, unpack_replicas
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: digests carry their round, commits carry rejections and the norm bound
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Blob kinds: traffic is counted per kind.
 FACTORS, PREV_FACTORS, REPLICAS, BASE, MANIFEST = "factors", "factors_prev", "replicas", "base", "manifest"
@@ -62,8 +66,8 @@ class Digest:
     `f`, `r`: addresses of its factors manifest and replicas blob; `v`: address of the factors manifest whose
     products are its V (empty when V is zero); `n`: samples since its last merge; `loss`: mean local loss of those
     steps; `t`: seconds its local training took (the coordinator sizes the next round's window from it);
-    `client`: it cannot be reached, so its blobs are served by the coordinator. The coordinator joins with
-    `coordinator=True`.
+    `client`: it cannot be reached, so its blobs are served by the coordinator; `k`: the round (base version) it
+    trained on, which must be the round it joins. The coordinator joins with `coordinator=True`.
     """
 
     f: str = ""
@@ -75,16 +79,17 @@ class Digest:
     spec: str = ""
     client: bool = False
     coordinator: bool = False
+    k: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(f=self.f, r=self.r, v=self.v, n=self.n, loss=self.loss, t=self.t, spec=self.spec,
-                    client=self.client, c=self.coordinator)
+                    client=self.client, c=self.coordinator, k=self.k)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Digest":
         return cls(f=str(d.get("f", "")), r=str(d.get("r", "")), v=str(d.get("v", "")), n=int(d.get("n", 0)),
                    loss=float(d.get("loss", 0.0)), t=float(d.get("t", 0.0)), spec=str(d.get("spec", "")),
-                   client=bool(d.get("client", False)), coordinator=bool(d.get("c", False)))
+                   client=bool(d.get("client", False)), coordinator=bool(d.get("c", False)), k=int(d.get("k", -1)))
 
 
 # ----- base blobs -------------------------------------------------------------------------------------------------
@@ -108,17 +113,19 @@ def put_factors(blobs: BlobService, layout: Layout, factors: Sequence[Tensor], r
                      round_id=round_id)
 
 
-def _manifest_shas(tensor: Tensor, layout: Layout) -> dict[str, str]:
-    text = bytes(tensor.numpy()).decode()
+def _manifest_shas(tensors: Sequence[Tensor], layout: Layout) -> dict[str, str]:
+    """The per-layer blob addresses a manifest lists; raises Rejected for anything but 64 hex digits per layer."""
+    check_tensors("manifest", tensors, [(64 * len(layout.layers),)], torch.uint8)
+    text = bytes(tensors[0].numpy()).decode("ascii", errors="replace")
     shas = [text[i:i + 64] for i in range(0, len(text), 64)]
-    if len(shas) != len(layout.layers):
-        raise ValueError(f"manifest lists {len(shas)} layers, the run has {len(layout.layers)}")
+    if not all(_HEX64.fullmatch(s) for s in shas):
+        raise Rejected("malformed", "manifest holds something other than blob addresses")
     return dict(zip(layout.layers, shas))
 
 
 def local_factors(blobs: BlobService, layout: Layout, manifest: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Factors of a manifest held locally, as every receiver decodes them (used by the sender for its own V)."""
-    shas = _manifest_shas(blobs.store.tensors(manifest)[0], layout)
+    shas = _manifest_shas(blobs.store.tensors(manifest), layout)
     out = {}
     for layer, sha in shas.items():
         a, b = blobs.store.tensors(sha)
@@ -150,9 +157,11 @@ def fetch_from(blobs: BlobService, sources: Sequence[str], shas: Sequence[str], 
 
 
 def _factors_of(blobs, layout, sources, manifest, layers, kind, round_id, timeout):
-    shas = _manifest_shas(fetch_from(blobs, sources, [manifest], MANIFEST, round_id, timeout)[0][0], layout)
+    """Checked factors of the given layers (raises Rejected for a blob that breaks the run's layout)."""
+    shas = _manifest_shas(fetch_from(blobs, sources, [manifest], MANIFEST, round_id, timeout)[0], layout)
+    shapes = dict(zip(layout.layers, layout.factor_shapes))
     fetched = fetch_from(blobs, sources, [shas[l] for l in layers], kind, round_id, timeout)
-    return {l: (t[0].float(), t[1].float()) for l, t in zip(layers, fetched)}
+    return {l: tuple(check_tensors(f"factors of {l}", t, shapes[l])) for l, t in zip(layers, fetched)}
 
 
 def member_delta(a: Tensor, b: Tensor, prev: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -183,7 +192,10 @@ def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str
         d, src = members[pid], sources[pid]
         cur = _factors_of(blobs, layout, src, d.f, needed, FACTORS, round_id, timeout) if needed else {}
         prev = _factors_of(blobs, layout, src, d.v, needed, PREV_FACTORS, round_id, timeout) if d.v and needed else None
-        reps = unpack_replicas(layout, fetch_from(blobs, src, [d.r], REPLICAS, round_id, timeout)[0]) if replicas else {}
+        reps = {}
+        if replicas:
+            reps = unpack_replicas(layout, check_tensors("replicas", fetch_from(blobs, src, [d.r], REPLICAS, round_id,
+                                                                                timeout)[0], layout.replica_shapes))
         deltas = {l: member_delta(*cur[l], prev[l] if prev else None) for l in dense_layers}
         out.append(HeadContribution(pid, d.n, {l: cur[l] for l in factor_layers}, reps,
                                     {l: prev[l] for l in factor_layers} if prev else None, deltas))
@@ -206,7 +218,7 @@ def choose_dense_layers(layout: Layout, members: int, mode: str = "auto") -> lis
 
 def factor_blob_shas(blobs: BlobService, layout: Layout, manifest: str) -> list[str]:
     """A manifest and the layer blobs it lists (what a client-mode peer pushes to the coordinator)."""
-    return [manifest, *_manifest_shas(blobs.store.tensors(manifest)[0], layout).values()]
+    return [manifest, *_manifest_shas(blobs.store.tensors(manifest), layout).values()]
 
 
 def round_dense_layers(layout: Layout, members: Mapping[str, Digest], mode: str) -> list[str]:

@@ -1,0 +1,60 @@
+"""What validating contributions costs next to merging them (lte/validate.py): tensor checks and update norms of
+M contributions against `merge_contributions` of the same M, on the run's model.
+
+    python benchmarks/validation_cost.py [--config configs/digits.yaml] [--members 3]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from lte.config import load_spec
+from lte.lora import prepare_model
+from lte.merge import merge_contributions
+from lte.models import create_base_model
+from lte.validate import check_tensors, update_norm
+from lte.wire import Layout, contribution, pack_factors, pack_replicas
+
+
+def mean_seconds(fn, repeat: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/digits.yaml")
+    ap.add_argument("--members", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    spec = load_spec(args.config)
+    model = create_base_model(spec.model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lte_model = prepare_model(copy.deepcopy(model), spec.lte.model_copy(update={"heads": 1}), spec.seed)
+    layout = Layout.of(lte_model)
+    members = []
+    for i in range(args.members):  # trained-looking heads, each with a V (the steady state)
+        for layer in lte_model.layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.01)
+        factors = pack_factors(lte_model, layout)
+        members.append(contribution(layout, f"p{i}", 10, factors, pack_replicas(lte_model, layout), factors))
+    shapes = dict(zip(layout.layers, layout.factor_shapes))
+    checks = mean_seconds(lambda: [check_tensors(l, list(c.factors[l]), shapes[l]) for c in members for l in layout.layers])
+    norms = mean_seconds(lambda: [update_norm(c, base) for c in members])
+    merge = mean_seconds(lambda: merge_contributions(members, spec.lte.scale))
+    r = layout.factor_shapes[0][0][0]
+    print(f"{spec.model.name} {spec.model.kwargs}: {len(layout.layers)} layers, r = {r}, {args.members} members, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| step | ms | x merge |\n|---|---|---|")
+    for name, sec in (("tensor checks", checks), ("update norms", norms), ("merge", merge)):
+        print(f"| {name} | {sec * 1e3:.1f} | {sec / merge:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
