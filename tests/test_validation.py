@@ -3,7 +3,9 @@ sends every kind of bad contribution; the base must always be the merge of the h
 from __future__ import annotations
 
 import math
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +180,23 @@ def _rejected_metric(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return {s.labels["reason"]: s.value for fam in text_string_to_metric_families(text)
             if fam.name == "lte_rejected_contributions" for s in fam.samples if s.name.endswith("_total")}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("content, expected", [
+    (None, "cannot read it"),
+    ("# nobody yet\n", "lists no peer id"),
+    ("QmSxqVGmbGuFJDUy3aE1S4ohHQ5FpB9WPnNhPm2iPg16JV\nnot-a-peer-id\n", "line 2: 'not-a-peer-id' is not a peer id"),
+])
+def test_a_bad_allowlist_is_one_line_and_exit_2(tmp_path, content, expected):
+    import subprocess
+
+    allow = tmp_path / "allow.txt"
+    if content is not None:
+        allow.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "start", "--config", "configs/digits.yaml",
+                           "--checkpoint-dir", str(tmp_path / "ck"), "--allow-peers", str(allow)],
+                          capture_output=True, text=True, timeout=100, cwd=Path(__file__).resolve().parents[1])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "ck").exists(), "nothing is created for a refused start"
