@@ -213,3 +213,15 @@ def test_backward_keeps_no_fp32_copy_of_the_frozen_weights(base_dtype):
     out.sum().backward()
     torch.testing.assert_close(xin.grad, xin2.grad)
     assert torch.equal(bias.grad, torch.full_like(bias, 5.0))
+
+
+def test_cli_accepts_the_three_dtypes_and_refuses_others_in_one_line(capsys):
+    from peer.cli import parse_args
+
+    assert parse_args(["join", "--dht", "x"]).base_dtype == "fp32"
+    assert parse_args(["join", "--dht", "x", "--base-dtype", "int8"]).base_dtype == "int8"
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["join", "--dht", "x", "--base-dtype", "fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--base-dtype: invalid choice: 'fp16'" in err[0], err

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+import lte.validate
+
 from netproc import ROOT, SMALL_SPEC, Network, Proc, new_identity, write_spec
 from webcheck import get_json, scrape, status_base_url
 
@@ -140,9 +142,9 @@ def test_metrics_of_a_live_run(tmp_path: Path) -> None:
 
         # a healthy run rejects nothing, and every known reason is exported (as 0) from the start
         assert by_label(c, "lte_rejected_contributions", "lte_rejected_contributions_total", "reason") == \
-            {"fetch_failed": 0, "blob_hash_mismatch": 0, "spec_mismatch": 0, "no_samples": 0}
+            {reason: 0 for reason in lte.validate.REASONS}
         assert by_label(p, "lte_rejected_contributions", "lte_rejected_contributions_total", "reason") == \
-            {"hash_mismatch": 0, "blob_hash_mismatch": 0}
+            {"hash_mismatch": 0, "blob_hash_mismatch": 0, "commit_invalid": 0}
         assert not peer.of("hash_mismatch")
 
         # docs/metrics.md documents every exported metric, and the example dashboard queries only exported ones
