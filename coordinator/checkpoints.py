@@ -30,10 +30,9 @@ from lte.checkpoint import (LATEST, META_FILE, MODEL_FILE, CheckpointError, Chec
 from lte.net.blobs import BlobService
 from lte.net.blobstore import file_digest
 from lte.net.records import publish_signed
-from lte.net.rounds import checkpoints_key
+from lte.net.rounds import CHECKPOINT, checkpoints_key
 
 ADDRESS_FILE = "address"  # the coordinator's last join address (a resumed coordinator listens there again)
-CHECKPOINT = "checkpoint"  # blob kind: traffic of checkpoint downloads is counted under it
 LISTED_IN_DHT = 64  # newest checkpoints in the DHT record (records must stay far below 64 KiB); HTTP lists all
 RECORD_TTL_S = 3600.0
 _ROUND_DIR = re.compile(r"round-(\d{6,})")

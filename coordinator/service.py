@@ -31,7 +31,7 @@ from lte.net.membership import Membership
 from lte.net.metrics import fetch_failure_reason
 from lte.net.node import shutdown_node, start_dht, visible_maddrs
 from lte.net.procs import signals_deferred
-from lte.net.records import (default_validators, fingerprint, load_or_create_private_key, owner_tag,
+from lte.net.records import (bind_owner, default_validators, fingerprint, load_or_create_private_key, owner_tag,
                               publish_base_hash, publish_signed, read, read_base_hashes)
 from lte.merge import merge_contributions
 from lte.net.rounds import (BASE, PROTOCOL_VERSION, Digest, alive_key, as_dense, base_key, base_to_tensors, commit_key,
@@ -116,7 +116,7 @@ class Coordinator:
         try:
             self.dht = self._start_dht(resumed is not None)
             self.peer_id = self.dht.peer_id.to_base58()
-            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run), accept_push=True, owner=self.owner)
+            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run), accept_push=True)
             self.members = Membership(self.dht, prefix=run_prefix(self.run))
             self.next_close = get_dht_time() + opts.round_seconds
             self.publisher = CheckpointPublisher(self.dht, self.blobs, self.run, self.owner)
@@ -170,6 +170,7 @@ class Coordinator:
             "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire, "paths": self.opts.paths,
             "round_seconds": self.opts.round_seconds, "fetch_timeout": self.opts.fetch_timeout,
             "allow": sorted(self.opts.allow) if self.opts.allow is not None else None,
+            "binding": bind_owner(self.opts.checkpoint_dir / "p2p.id", self.owner),
         }, self.owner, ttl=3600)
 
     def publish_base(self) -> None:

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--out", required=True, type=Path, help="directory to put round-NNNNNN/ in (created if missing)")
     d.add_argument("--host", type=ip_address, default="127.0.0.1", help="address of the local DHT node")
     d.add_argument("--timeout", type=seconds, default=30.0, help="seconds to find the run and its checkpoint list")
+    d.add_argument("--via", nargs="*", default=[], metavar="MULTIADDR",
+                   help="other nodes of the run to reach it through (a peer's address, which lte-peer join prints): "
+                        "peers serve the newest checkpoint too, so a download works when the coordinator is gone")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--json", action="store_true", help="print one JSON object when done")
     return ap.parse_args(argv)
@@ -103,6 +106,11 @@ def main(argv: list[str] | None = None, peer_class: type | None = None) -> int:
             loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # None: followed the round, no training
             print(f"[{name}] round {event['round']:4d}  peers {event['peers']}  loss {loss}  "
                   f"base {event['base_hash'][:12]}  received {sum(event['bytes_received'].values())} B", flush=True)
+        elif event["event"] == "joined":
+            print(f"[{name}] joined at round {event['round']} as {event['peer_id']}"
+                  + (f"; reachable at {' '.join(event['maddrs'])}" if event["maddrs"] else " (client mode)"), flush=True)
+        elif event["event"] == "contribution_rejected":
+            print(f"[{name}] our contribution to round {event['round']} was rejected: {event['reason']}", flush=True)
         elif event["event"] != "phase":  # four a round: for --json readers (tools, tests), too chatty for people
             print(f"[{name}] {event['event']} at round {event.get('round')}", flush=True)
 

@@ -7,6 +7,7 @@ differs, it downloads the current base from the coordinator and drops its unmerg
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,7 +16,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 import lte
-from lte.checkpoint import state_hash
+from lte.checkpoint import state_bytes, state_hash
 from lte.config import RunSpec, spec_from_dict
 from lte.data import load_datasets, shard
 from lte.errors import ConfigError
@@ -26,10 +27,11 @@ from lte.net.access import unlisted
 from lte.net.blobs import BlobService
 from lte.net.membership import Membership
 from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
-from lte.net.records import publish, publish_base_hash, read_signed, read_signed_all
+from lte.net.records import owner_bound_to, publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
-from lte.net.rounds import (BASE, PROTOCOL_VERSION, REPLICAS, Digest, alive_key, base_from_tensors, base_key, commit_key,
+from lte.net.rounds import (BASE, CHECKPOINT, PROTOCOL_VERSION, REPLICAS, Digest, alive_key, base_from_tensors,
+                            base_key, checkpoints_key, commit_key, providers_key,
                             factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
                             run_prefix, spec_key)
 from lte.train import HeadTrainer
@@ -69,39 +71,22 @@ class PeerOptions:
     join_timeout: float = 30.0
 
 
-def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any], BlobService]:
+def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
     """The run record of the coordinator we were pointed at (its peer id is in the --dht address): its owner tag
-    (the key every later record of the run must be signed with), its value (spec, settings), and a blob service in
-    the run's namespace.
+    (the key every later record of the run must be signed with) and its value (spec, settings).
 
-    Anyone can store a well-signed record under the run's key with their own key, so a record counts only if the
-    coordinator itself, asked over libp2p (which authenticates its peer id), names that record's owner tag."""
+    Anyone can store a well-signed record under the run's key with their own key, so a record counts only if it
+    carries a proof, signed with the key behind the coordinator's peer id, that its owner tag is the coordinator's
+    (`lte.net.records.owner_bound_to`). That needs no answer from the coordinator: downloads work without it."""
     deadline = time.monotonic() + timeout
-    services: dict[str, BlobService] = {}
-    owners: dict[str, bytes] = {}
-    try:
-        while True:
-            for r in read_signed_all(dht, spec_key(coordinator)).values():
-                value = r.value if isinstance(r.value, dict) else {}
-                spec = value.get("spec")
-                if value.get("coordinator") != coordinator or not isinstance(spec, dict):
-                    continue
-                ns = run_prefix(str(spec.get("run", "")))
-                if ns not in owners:
-                    if ns not in services:
-                        services[ns] = BlobService(dht, namespace=ns)
-                    try:
-                        owners[ns] = services[ns].owner_of(coordinator, timeout=5.0)
-                    except NetworkError:
-                        continue  # no answer (yet) in that namespace: ask again next time
-                if owners[ns] == r.owner:
-                    return r.owner, r.value, services.pop(ns)
-            if time.monotonic() > deadline:
-                raise NetworkError(f"no run record from coordinator {coordinator} within {timeout:.0f} s")
-            time.sleep(0.5)
-    finally:
-        for service in services.values():
-            service.close()
+    while True:
+        for r in read_signed_all(dht, spec_key(coordinator)).values():
+            value = r.value if isinstance(r.value, dict) else {}
+            if value.get("coordinator") == coordinator and owner_bound_to(coordinator, r.owner, value.get("binding")):
+                return r.owner, value
+        if time.monotonic() > deadline:
+            raise NetworkError(f"no run record from coordinator {coordinator} within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 class Peer:
@@ -114,7 +99,7 @@ class Peer:
                                  announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity)
             self.peer_id = self.dht.peer_id.to_base58()
             self.coordinator = opts.dht.rsplit("/p2p/", 1)[-1]
-            self.owner, record, self.blobs = find_run(self.dht, self.coordinator, opts.join_timeout)
+            self.owner, record = find_run(self.dht, self.coordinator, opts.join_timeout)
             self.spec: RunSpec = self._check_spec(record)
             self.allow = record.get("allow")
             self._check_allowed()
@@ -122,6 +107,7 @@ class Peer:
             self.wire = record.get("wire", "raw")
             self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
+            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
             self.client_mode = opts.client_mode or self._switch_to_client_mode_if_unreachable()
             self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=self.client_mode)
             train_set = load_datasets(self._data_spec(), self.spec.seed)[0]
@@ -135,7 +121,11 @@ class Peer:
             self.layout = Layout.of(self.trainer.model)
             self.metrics.joined(self.run, self.spec.spec_hash(), lambda: self.blobs.traffic if self.blobs else None)
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
+            self.serving: tuple[str, ...] = ()  # blobs of the checkpoint we serve (model file, meta.json)
+            self.recent_bases: dict[int, bytes] = {}  # serialized bases of the last two merged rounds
             self.resync()
+            self.log({"event": "joined", "round": self.round, "peer_id": self.peer_id,
+                      "maddrs": [] if self.client_mode else visible_maddrs(self.dht)})
         except BaseException:
             self.close()  # a half-started node must not leave DHT or p2pd processes behind
             raise
@@ -298,7 +288,35 @@ class Peer:
         if int(rec["round"]) != self.round:
             self.resync()
             return None
+        self._serve_checkpoint()
         return rec
+
+    def _serve_checkpoint(self) -> None:
+        """Serve the newest checkpoint when our base is its base, so users can download it from us too, even when
+        the coordinator is gone. The model file's bytes are our base serialized (its hash is the base hash every
+        participant agrees on), so we only fetch the small signed meta.json. Costs up to three serialized bases in
+        memory: the last two merged (the coordinator lists a checkpoint a moment after its commit) and the served one."""
+        if self.client_mode or not self.recent_bases:
+            return  # nobody could fetch it from us, or we merged nothing yet
+        rec = read_signed(self.dht, checkpoints_key(self.run), self.owner)
+        entries = rec.value.get("checkpoints") if rec is not None and isinstance(rec.value, dict) else None
+        entries = [e for e in entries or [] if isinstance(e, dict) and e.get("round") in self.recent_bases]
+        if not entries:
+            return
+        entry = max(entries, key=lambda e: e["round"])
+        data = self.recent_bases[entry["round"]]
+        if entry.get("model") in self.serving or hashlib.sha256(data).hexdigest() != entry.get("hash"):
+            return
+        try:
+            self.blobs.fetch(self.coordinator, entry["meta"], kind=CHECKPOINT, timeout=self.fetch_timeout, keep=True)
+        except NetworkError:
+            return  # try again next round
+        model = self.blobs.put([torch.frombuffer(bytearray(data), dtype=torch.uint8)], kind=CHECKPOINT)
+        for sha in self.serving:
+            self.blobs.store.remove(sha)
+        self.serving = (model, entry["meta"])
+        publish(self.dht, providers_key(self.run, entry["round"]), {"m": model}, ttl=3600, subkey=self.peer_id)
+        self.log({"event": "serving_checkpoint", "round": entry["round"], "model": model})
 
     def follow_round(self) -> bool:
         """Catch up without training: merge round k's commit as a non-member. Right after a resync the current
@@ -349,7 +367,10 @@ class Peer:
                 return False
         self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
         self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
-        h = self.base_hash = state_hash(model.base_state_dict())
+        data = state_bytes(model.base_state_dict())
+        h = self.base_hash = hashlib.sha256(data).hexdigest()
+        if not self.client_mode:  # the coordinator lists a round's checkpoint a moment after its commit
+            self.recent_bases = {r: b for r, b in self.recent_bases.items() if r == k} | {k + 1: data}
         if h != commit["hash"]:
             self.metrics.reject("hash_mismatch")
             self.log({"event": "hash_mismatch", "round": k + 1, "ours": h, "committed": commit["hash"]})

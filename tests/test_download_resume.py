@@ -52,6 +52,7 @@ class Story:
     stopped_meta: dict[str, Any] = field(default_factory=dict)  # meta.json of the checkpoint written on SIGTERM
     peer_stayed: bool = False
     latest_before_stop: dict[str, Any] = field(default_factory=dict)
+    served: dict[str, Any] = field(default_factory=dict)  # the peer's `serving_checkpoint` event
 
 
 def _http_port(proc: Proc) -> int:
@@ -114,10 +115,17 @@ def story(tmp_path_factory) -> Story:
         net.wait_exit(s.downloads["tampered"], 150)
 
         phases["tampered download"] = time.monotonic() - t0 - sum(phases.values())
-        # 4. SIGTERM, a refused restart with another config, then the resume
+        # 4. SIGTERM, a download from the peer while the coordinator is gone, a refused restart with another
+        #    config, then the resume
+        s.served = net.wait_for(peer, lambda e: e.get("event") == "serving_checkpoint", 120, "a served checkpoint")
         s.latest_before_stop = net.wait_for(coord, lambda e: e.get("event") == "round", 60, "a round")
         net.kill(coord, signal.SIGTERM)
         net.wait_exit(coord, 60)
+        via = peer.of("joined")[0]["maddrs"][0]
+        s.served = peer.of("serving_checkpoint")[-1]  # the newest the peer serves (older ones are retired)
+        s.downloads["from_peer"] = _download(net, "dl_from_peer", join, wd / "out_from_peer", "--round",
+                                             str(s.served["round"]), "--via", via)
+        net.wait_exit(s.downloads["from_peer"], 150)
         stopped = coord.of("stopped")
         s.stopped = stopped[0] if stopped else {}
         if s.stopped:  # read now: once the run goes on, retention may retire it
@@ -194,6 +202,22 @@ def test_download_of_an_unknown_round_is_one_line_listing_the_rounds(story):
     assert re.fullmatch(pattern, line), line
     assert "2" in line.split("available rounds: ")[1].split(", ")
     assert not any((story.workdir / "out_unknown").glob("*"))
+
+
+@pytest.mark.timeout(600)
+def test_peers_serve_the_newest_checkpoint_when_the_coordinator_is_gone(story):
+    """The peer served the checkpoint of its round; with the coordinator stopped, a download through the peer's
+    address gets it verified (signature, hash) and it loads in timm."""
+    import lte
+    import torch
+
+    proc = story.downloads["from_peer"]
+    assert proc.popen.returncode == 0, proc.tail()
+    got = proc.of("downloaded")[0]
+    assert got["round"] == story.served["round"]
+    meta = json.loads((Path(got["path"]) / "meta.json").read_text())
+    assert hashlib.sha256(Path(got["model"]).read_bytes()).hexdigest() == meta["base_hash"] == got["base_hash"]
+    assert isinstance(lte.load_checkpoint(got["path"]), torch.nn.Module)
 
 
 @pytest.mark.timeout(600)

@@ -1,5 +1,5 @@
 """Faults on a real network (127.0.0.1): peers killed at each phase of a round, a stalled peer, the coordinator
-SIGKILLed and restarted, and churn.
+SIGKILLed and restarted, and churn. What each test found is summed up in docs/reliability.md (Faults).
 
 Two runs. The fault story (a module fixture; each test below reads one chapter of it) is one coordinator and three
 peers, through which, one after another:
@@ -7,16 +7,16 @@ peers, through which, one after another:
 (a) p0 is SIGKILLed while it trains (before matchmaking), (b) p1 once its round's group has formed (the coordinator
     is fetching the members' blobs), (c) p2 once it has read a commit it is a member of, before it applied it. Each
     victim is restarted with its identity (so its peer id) and must catch up and merge again;
-(3) the restarted p0 is stalled with SIGSTOP as it enters matchmaking, through two rounds and longer than a
+(d) the restarted p0 is stalled with SIGSTOP as it enters matchmaking, through two rounds and longer than a
     round's fetch deadline, then resumed with SIGCONT;
-(2) the coordinator is SIGKILLed mid-round (checkpointing every round) and restarted on its directory after an
+(e) the coordinator is SIGKILLed mid-round (checkpointing every round) and restarted on its directory after an
     outage, during which the peers keep training and the DHT still answers through them.
 
-The peers' `phase` events (peer/service.py) say when each phase starts; the test signals on them. The churn run
-lets peers join and leave (SIGTERM or SIGKILL) at random, seeded, for two minutes.
+The peers' `phase` events (peer/service.py) say when each part of a round starts; the test signals on them. The
+churn run lets peers join (new, or back with an old identity) and leave (SIGTERM or SIGKILL) on a seeded schedule.
 
-Every test checks the same invariant first: no participant ever reports a base that differs from the coordinator's
-for that round (`disagreements`). Processes are started and stopped by pid only (`netproc.Network`).
+Every test checks the same invariant: no participant ever reports a base that differs from the coordinator's for
+that round (`disagreements`). Processes are started and stopped by pid only (`netproc.Network`).
 """
 from __future__ import annotations
 
@@ -126,8 +126,7 @@ def stall_peer(net: Network, obs: Observer, story: Story, name: str) -> None:
     first = net.wait_for(p, lambda e: e.get("event") == "round" and e.get("merged") and e["round"] > k + 2, 180,
                          f"{name} merging again after the stall")
     story.stall = {"peer": name, "round": k, "stalled_s": stalled, "commits": commits, "t_cont": t0 + stalled,
-                   "first_merged": first["round"], "alive": p.alive(), "coordinator_lines": [l for l in story.coord.lines
-                                                                        if story.ids[name] in l]}
+                   "first_merged": first["round"], "alive": p.alive()}
     print(f"stall: {name} stopped for {stalled:.1f} s from round {k}; merged again in round {first['round']}")
 
 
@@ -164,9 +163,9 @@ def kill_coordinator(net: Network, story: Story, spec: Path, ck: Path, ports: di
     final = net.wait_until(lambda: common_round([story.peers[n] for n in live], max(merged_after.values())), 90,
                            "a round every peer reports after the restart")
     wait_round(net, coord2, final, 60)
-    story.outage = {"t_kill": t_kill, "t_back": t_back, "last_round": last_round, "resumed": resumed, "resumed_hash": resumed_hash,
-                    "join2": join2, "seen": seen, "alive_before_restart": alive_before_restart, "live": live,
-                    "merged_after": merged_after, "final": final,
+    story.outage = {"t_kill": t_kill, "t_back": t_back, "last_round": last_round, "resumed": resumed,
+                    "resumed_hash": resumed_hash, "join2": join2, "seen": seen, "live": live,
+                    "alive_before_restart": alive_before_restart, "merged_after": merged_after, "final": final,
                     "peer_rounds_before": max((e["round"] for n in live for e in story.peers[n].of("round")
                                                if e["_t"] < t_back), default=0)}
     print(f"coordinator killed after round {last_round}, back after {t_back - t_kill:.1f} s at round {resumed}; "
@@ -286,7 +285,8 @@ def test_peer_killed_after_its_group_formed_survivors_agree_and_it_rejoins(story
 @pytest.mark.timeout(900)
 def test_peer_killed_before_applying_a_commit_it_is_in_survivors_fetch_its_blobs_elsewhere(story):
     kill, in_commit = check_kill(story, "merge")
-    # Its contribution is committed but it is dead: the survivors took its blobs from the coordinator.
+    # Its contribution is committed but it died before applying it: the survivors still got its blobs (from the
+    # coordinator, once it stopped answering) and merged them.
     assert in_commit
     assert not kill["after_phase"], f"it got further than reading the commit: {kill['after_phase']}"
     assert set(story.ids[n] for n in kill["survivors"]) <= set(kill["commit"]["members"]), kill["commit"]
@@ -348,6 +348,12 @@ def test_coordinator_sigkilled_and_restarted_resumes_and_peers_merge_again(story
 def _status_port(proc: Proc) -> int:
     line = next(l for l in proc.lines if l.startswith("status: http://"))
     return int(re.search(r":(\d+)/status\.json", line).group(1))
+
+
+def merged_by_all(procs: list[Proc]) -> int | None:
+    """The latest round any of `procs` merged, once each has had a contribution merged; None before."""
+    merged = [[e["round"] for e in p.of("round") if e["merged"]] for p in procs]
+    return max(max(m) for m in merged) if all(merged) else None
 
 
 def churn_plan(seed: int, changes: int, first: int = 3) -> list[dict[str, Any]]:
@@ -428,7 +434,11 @@ def test_churn_live_peers_end_with_the_coordinators_base_and_the_model_learns(tm
         live = [peers[n] for n in running(peers)]
         gone = {c["peer"] for c in plan if c["action"] == "leave"}
         assert {p.name for p in live} == {"c0", "c1", "c2", *(c["peer"] for c in joins)} - gone
-        final = net.wait_until(lambda: common_round(live, end_round + 1), 120, "a round every live peer reports")
+        # Every live peer gets a contribution merged (the last to join may need a few rounds for it)...
+        merged = net.wait_until(lambda: merged_by_all(live), 120, "a merged round on every live peer")
+        # ...and then all report one same round.
+        final = net.wait_until(lambda: common_round(live, max(end_round + 1, merged)), 120,
+                               "a round every live peer reports")
         wait_round(net, coord, final, 60)
         everyone = list(peers.values())
     rounds = rounds_of(coord)
@@ -440,9 +450,6 @@ def test_churn_live_peers_end_with_the_coordinators_base_and_the_model_learns(tm
     assert not bad, "\n".join(bad)
     for p in live:
         assert {h for r, h, _ in base_hashes(p) if r == final} == {rounds[final]["base_hash"]}, p.name
-    # Every peer that joined and stayed got a contribution merged, and the model learned through the churn: the
-    # latest evaluation clearly beats round 0's (the untrained model).
-    for p in live:
-        assert any(e["merged"] for e in p.of("round")), f"{p.name} never merged"
+    # The model learned through the churn: the latest evaluation clearly beats round 0's (the untrained model).
     assert round0["round"] == 0
     assert last["test_accuracy"] > round0["test_accuracy"] + 0.3, (round0, last["round"], last["test_accuracy"])

@@ -253,28 +253,29 @@ class ForeignRun:
     def __init__(self, workdir: Path, name: str, record: dict[str, Any]):
         from lte.net.node import start_dht, visible_maddrs
         from lte.net.procs import restore_sigint
-        from lte.net.records import default_validators, load_or_create_private_key, owner_tag, publish_signed
-        from lte.net.blobs import BlobService
-        from lte.net.rounds import run_prefix, spec_key
+        from lte.net.records import (bind_owner, default_validators, load_or_create_private_key, owner_tag,
+                                     publish_signed)
+        from lte.net.rounds import spec_key
 
         key = load_or_create_private_key(workdir / f"{name}.key")
-        self.dht = start_dht([], validators=default_validators(key))
-        self.blobs = None
+        identity = workdir / f"{name}.p2p.id"
+        self.dht = start_dht([], validators=default_validators(key), identity_path=str(identity))
         restore_sigint()
         try:
             pid = self.dht.peer_id.to_base58()
-            # it names its owner tag when asked, as every coordinator does (peers take no record otherwise)
-            self.blobs = BlobService(self.dht, namespace=run_prefix(record["spec"]["run"]), owner=owner_tag(key))
-            publish_signed(self.dht, spec_key(pid), {**record, "coordinator": pid}, owner_tag(key), ttl=600)
+            # bound to its peer id, as every coordinator's record is (peers take no record otherwise)
+            publish_signed(self.dht, spec_key(pid), {**record, "coordinator": pid,
+                                                     "binding": bind_owner(identity, owner_tag(key))},
+                           owner_tag(key), ttl=600)
             self.join = visible_maddrs(self.dht)[0]
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        from lte.net.node import shutdown_node
+        from lte.net.node import shutdown_dht
 
-        shutdown_node(self.blobs, dht=self.dht)
+        shutdown_dht(self.dht)
 
 
 def one_stderr_line(proc: Proc) -> str:

@@ -13,8 +13,6 @@ Wire protocol (handler names are f"{namespace}::BlobServicer.rpc_*", so the clas
   response {"status": "ok" | "error", "reason"}.
 - rpc_dial_back (unary, served by nodes that accept pushes): metadata {"maddrs": [...]} -> {"reachable": [...]},
   the addresses to which a fresh TCP connection opened (how a peer learns whether it must run in client mode).
-- rpc_owner (unary): -> {"owner": bytes}, the owner tag this node signs its DHT records with (empty if none).
-  libp2p authenticates the answering peer id, so this binds a coordinator's peer id to its record key.
 """
 from __future__ import annotations
 
@@ -99,10 +97,9 @@ class BlobServicer(ServicerBase):
     """RPC handlers serving a BlobStore; runs on the host process's event loop."""
 
     def __init__(
-        self, store: BlobStore, traffic: TrafficCounter, *, accept_push: bool, max_push_bytes: int, chunk_bytes: int,
-        owner: bytes = b"",
+        self, store: BlobStore, traffic: TrafficCounter, *, accept_push: bool, max_push_bytes: int, chunk_bytes: int
     ) -> None:
-        self.store, self.traffic, self.owner = store, traffic, owner
+        self.store, self.traffic = store, traffic
         self.accept_push, self.max_push_bytes, self.chunk_bytes = accept_push, max_push_bytes, chunk_bytes
 
     async def rpc_get_blob(
@@ -168,9 +165,6 @@ class BlobServicer(ServicerBase):
         ok = await asyncio.gather(*(_tcp_reachable(a, DIAL_BACK_TIMEOUT_S) for a in addrs))
         return runtime_pb2.ExpertResponse(metadata=_pack(reachable=[a for a, good in zip(addrs, ok) if good]))
 
-    async def rpc_owner(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=_pack(owner=self.owner))
-
     def _refusal(self, nbytes: Any) -> str | None:
         if not self.accept_push:
             return "this node does not accept pushed blobs"
@@ -214,15 +208,13 @@ class BlobService:
         max_push_bytes: int = 2**31,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         store: BlobStore | None = None,
-        owner: bytes = b"",
     ) -> None:
         self.namespace = namespace
         self.store = store if store is not None else BlobStore()
         self.traffic = TrafficCounter()
         self._chunk_bytes = chunk_bytes
         self._servicer = BlobServicer(
-            self.store, self.traffic, accept_push=accept_push, max_push_bytes=max_push_bytes, chunk_bytes=chunk_bytes,
-            owner=owner,
+            self.store, self.traffic, accept_push=accept_push, max_push_bytes=max_push_bytes, chunk_bytes=chunk_bytes
         )
         self._loop = LoopThread(f"blobs-{namespace}")
         try:
@@ -450,22 +442,6 @@ class BlobService:
             raise
         except Exception as e:
             raise NetworkError(f"dial-back from {peer}: {one_line(e)}") from e
-
-    def owner_of(self, peer: PeerLike, *, timeout: float = 10.0) -> bytes:
-        """The owner tag `peer` signs its records with, asked of `peer` itself (see rpc_owner). NetworkError when it
-        does not answer in this namespace."""
-
-        async def ask() -> bytes:
-            stub = BlobServicer.get_stub(self._p2p, _as_peer(peer), namespace=self.namespace)
-            owner = _meta(await stub.rpc_owner(runtime_pb2.ExpertRequest())).get("owner", b"")
-            return owner if isinstance(owner, bytes) else b""
-
-        try:
-            return self._loop.run(asyncio.wait_for(ask(), timeout), timeout + 1.0)
-        except asyncio.TimeoutError:
-            raise NetworkError(f"owner of {peer}: no answer within {timeout:.1f} s") from None
-        except Exception as e:
-            raise NetworkError(f"owner of {peer}: {one_line(e)}") from e
 
     async def _push(self, peer: PeerID, sha: str, blob: Any) -> bool:
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)

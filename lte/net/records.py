@@ -139,16 +139,21 @@ def publish_signed(dht: hivemind.DHT, key: str, value: Any, owner: bytes, ttl: f
     """Publish `value` under `key` in `owner`'s subkey; `dht` must have been started with the owner's key.
 
     Republish before `ttl` runs out to keep the record alive. Raises NetworkError when the DHT refuses the
-    record every time, which is what happens when `dht` signs with a different key than `owner`'s.
+    record, which is what happens when `dht` signs with a different key than `owner`'s.
 
-    Tried again after a refusal: hivemind reports the verdict of whichever replica answered last, so a single
-    replica's refusal fails a store that others took. A coordinator must not end its run for that; it did once in
-    `tests/test_faults.py` (its checkpoint list refused while a peer was stalled).
+    hivemind's verdict is the answer of whichever replica answered last, so one replica that refuses its copy (one
+    it already holds is refused as not newer, e.g. when a peer restarted with its identity is reached under its old
+    and its new node id) fails a store that the others took. So a refusal is checked by reading the record back,
+    and the store is tried again before it counts. Seen in `tests/test_faults.py` around a stalled peer: without
+    the check the coordinator ended its run over a record that was stored.
     """
     for attempt in range(PUBLISH_ATTEMPTS):
         if attempt:
             time.sleep(0.5 * attempt)
         if publish(dht, key, value, ttl, subkey=owner):
+            return
+        stored = read_signed(dht, key, owner)
+        if stored is not None and stored.value == value:
             return
     raise NetworkError(f"DHT refused signed record {key!r} (is the DHT running with owner {fingerprint(owner)}?)")
 
@@ -210,3 +215,50 @@ def read_base_hashes(dht: hivemind.DHT, run: str, round_id: int) -> dict[str, st
 def disagreeing_peers(hashes: Mapping[str, str], expected: str) -> Sequence[str]:
     """Peers whose published hash differs from `expected` (sorted, for stable logs)."""
     return sorted(peer for peer, sha in hashes.items() if sha != expected)
+
+
+# --- binding the coordinator's peer id to its owner tag -------------------------------------------------------
+_BINDING_CONTEXT = b"lte-owner-binding-v1|"
+
+
+def _peer_id_of_rsa_der(public_der: bytes) -> str:
+    """The libp2p peer id of an RSA public key (DER SubjectPublicKeyInfo), as `PeerID.from_identity` computes it."""
+    import multihash
+    from hivemind.p2p import PeerID
+    from hivemind.proto import crypto_pb2
+
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
+    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))).to_base58()
+
+
+def bind_owner(identity_path: str | os.PathLike[str], owner: bytes) -> dict[str, bytes]:
+    """Proof, signed with the libp2p identity key behind a node's peer id, that `owner` is that node's record key.
+
+    Anyone can store a well-signed record under a run's key with their own key; with this proof in the run record,
+    a reader that knows only the coordinator's peer id (from the --dht address) can tell the coordinator's record
+    from the others by itself, even when the coordinator is gone (`owner_bound_to`)."""
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    der = crypto_pb2.PrivateKey.FromString(open(identity_path, "rb").read()).data
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": der})
+    public = key.get_public_key()._public_key.public_bytes(serialization.Encoding.DER,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"p2p_key": public, "signature": key.sign(_BINDING_CONTEXT + owner)}
+
+
+def owner_bound_to(peer_id: str, owner: bytes, binding: Any) -> bool:
+    """Whether `binding` (from `bind_owner`) proves that the node with `peer_id` holds record key `owner`."""
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.utils.crypto import RSAPublicKey
+
+    if not isinstance(binding, dict) or not all(isinstance(binding.get(k), bytes) for k in ("p2p_key", "signature")):
+        return False
+    try:
+        if _peer_id_of_rsa_der(binding["p2p_key"]) != peer_id:
+            return False
+        public = RSAPublicKey(serialization.load_der_public_key(binding["p2p_key"]))
+    except Exception:  # not a key at all
+        return False
+    return public.verify(_BINDING_CONTEXT + owner, binding["signature"])

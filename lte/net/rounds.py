@@ -28,6 +28,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Blob kinds: traffic is counted per kind.
 FACTORS, PREV_FACTORS, REPLICAS, BASE, MANIFEST = "factors", "factors_prev", "replicas", "base", "manifest"
 DENSE_SLICES, DENSE_REDUCED = "dense_slices", "dense_reduced"
+CHECKPOINT = "checkpoint"  # checkpoint files (model.safetensors, meta.json) served as file blobs
 
 
 def spec_key(coordinator_peer_id: str) -> str:
@@ -46,6 +47,12 @@ def commit_key(run: str, round_id: int) -> str:
 def checkpoints_key(run: str) -> str:
     """The coordinator's signed list of the checkpoints it serves (round, file blob addresses, base hash)."""
     return f"lte.{run}.checkpoints"
+
+
+def providers_key(run: str, round_id: int) -> str:
+    """Peers that serve the checkpoint of round `round_id` (its model file blob, and its meta.json), besides the
+    coordinator: a download still works when the coordinator is gone."""
+    return f"lte.{run}.ckpt.{round_id}"
 
 
 def alive_key(run: str) -> str:
