@@ -329,8 +329,10 @@ class Peer:
             return False
         close = float(rec["close"])
         commit = self._wait_commit(k, close - get_dht_time())
-        if commit is None:
-            self.resync()
+        if commit is None:  # no round formed: we hold the base, so train for the next window (as in join_round)
+            rec = self._base_record()
+            if int(rec["round"]) != k or rec["hash"] != self.base_hash:
+                self.resync()
             return False
         self._phase("merge", k, member=False)
         return self._apply_commit(k, commit, None, None, close)

@@ -136,9 +136,11 @@ def test_metrics_of_a_live_run(tmp_path: Path) -> None:
         c_sent, c_recv = (by_label(c, f"lte_{d}_bytes", f"lte_{d}_bytes_total", "kind") for d in ("sent", "received"))
         p_sent, p_recv = (by_label(p, f"lte_{d}_bytes", f"lte_{d}_bytes_total", "kind") for d in ("sent", "received"))
         assert {"factors", "manifest", "replicas"} <= set(c_recv) and {"factors", "manifest", "replicas"} <= set(p_sent)
-        assert set(c_sent) == set(p_recv) == {"base"}
+        # ...and, to serve the newest checkpoint too, fetches its meta.json
+        assert "base" in p_recv and set(c_sent) == set(p_recv) <= {"base", "checkpoint"}
         assert 0 < sum(c_recv.values()) <= sum(p_sent.values())
         assert 0 < p_recv["base"] <= c_sent["base"]
+        assert p_recv.get("checkpoint", 0) <= c_sent.get("checkpoint", 0)
 
         # a healthy run rejects nothing, and every known reason is exported (as 0) from the start
         assert by_label(c, "lte_rejected_contributions", "lte_rejected_contributions_total", "reason") == \
