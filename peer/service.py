@@ -30,7 +30,7 @@ from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
 from lte.net.records import owner_bound_to, publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
 from lte.net.dense import dense_exchange
-from lte.net.rounds import (BASE, CHECKPOINT, PROTOCOL_VERSION, REPLICAS, Digest, alive_key, base_from_tensors,
+from lte.net.rounds import (BASE, CHECKPOINT, PROTOCOL_VERSION, REPLICAS, Digest, alive_key, as_dense, base_from_tensors,
                             base_key, checkpoints_key, commit_key, providers_key,
                             factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
                             run_prefix, spec_key)
@@ -398,7 +398,8 @@ class Peer:
 
         Every fetched contribution passes the same checks as at the coordinator (lte/validate.py; raises Rejected):
         fetch_contributions checks the tensors, and here the update norm against the committed bound."""
-        dense = round_dense_layers(self.layout, members, self.paths) if self.peer_id in members else []
+        round_dense = round_dense_layers(self.layout, members, self.paths)
+        dense = round_dense if self.peer_id in members else []  # a non-member takes no part in the exchange
         factor_layers = [l for l in self.layout.layers if l not in dense]
         contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout,
                                             factor_layers)
@@ -407,6 +408,9 @@ class Peer:
             if norm > bound * (1 + NORM_TOLERANCE):
                 raise Rejected("norm_outlier", f"committed member {c.head_id} has update norm {norm:.6g} > {bound:.6g}")
         old = dict(state)
+        # A non-member merges the dense-path layers from factors too, but as the float32 deltas the coordinator and
+        # the members merged them from: float64 products straight from the factors would differ in the last bits.
+        contributions = [as_dense(c, [l for l in round_dense if l not in dense]) for c in contributions]
         apply_update(state, merge_contributions(contributions, self.spec.lte.scale))
         if dense:
             try:
