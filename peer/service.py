@@ -246,8 +246,7 @@ class Peer:
             # No round happened for us. If the base has not moved on, keep the progress and try again after more
             # local steps (the samples count grows, so the merge weights it fairly); otherwise catch up.
             reconnect(self.dht, self.opts.dht)  # the coordinator may have restarted: find it again
-            if int(self._base_record()["round"]) != k:
-                self.resync()
+            self._resync_unless_holding(k)
             return False
         self._phase("fetch", k, members=len(gathered) - 1)  # a member now: the coordinator fetches our blobs
         commit = self._wait_commit(k)
@@ -256,12 +255,17 @@ class Peer:
             # the progress and train on, as when no group formed; a resync would drop it, and with the coordinator
             # down its download blocks for a minute instead of training.
             reconnect(self.dht, self.opts.dht)
-            rec = self._base_record()
-            if int(rec["round"]) != k or rec["hash"] != self.base_hash:
-                self.resync()
+            self._resync_unless_holding(k)
             return False
         self._phase("merge", k, member=self.peer_id in commit["members"])
         return self._apply_commit(k, commit, announced.f, announced.loss, close)
+
+    def _resync_unless_holding(self, k: int) -> None:
+        """After a round that gave us no commit: keep our base and progress while the base record still names the
+        base we hold (round k, same hash); download the current one only when the run has moved on."""
+        rec = self._base_record()
+        if int(rec["round"]) != k or rec["hash"] != self.base_hash:
+            self.resync()
 
     def _announce(self, k: int) -> Digest:
         """Store this round's blobs (pushing them to the coordinator in client mode) and the digest that
@@ -329,10 +333,8 @@ class Peer:
             return False
         close = float(rec["close"])
         commit = self._wait_commit(k, close - get_dht_time())
-        if commit is None:  # no round formed: we hold the base, so train for the next window (as in join_round)
-            rec = self._base_record()
-            if int(rec["round"]) != k or rec["hash"] != self.base_hash:
-                self.resync()
+        if commit is None:  # no round formed: train for the next window (as in join_round)
+            self._resync_unless_holding(k)
             return False
         self._phase("merge", k, member=False)
         return self._apply_commit(k, commit, None, None, close)
