@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
@@ -39,6 +40,11 @@ __all__ = [
 BOOTSTRAP_MARGIN_S = 10.0
 # How long a DHT process gets to exit on its own before it is killed.
 EXIT_GRACE_S = 3.0
+# How long a node keeps asking for an identity that another live node still holds. A peer restarted right
+# after a crash finds its old p2pd alive for up to ORPHAN_POLL_S plus its shutdown; a true duplicate still
+# fails, only later.
+IDENTITY_WAIT_S = 20.0
+IDENTITY_TAKEN = "is already taken by another peer"  # hivemind's P2PDaemonError text
 
 
 class _AppDHT(hivemind.DHT):
@@ -68,10 +74,30 @@ def start_dht(
     `default_validators()`; every node of a run must use the same ones. Extra keyword arguments go to
     `hivemind.DHT` (e.g. `use_auto_relay=True`).
 
+    An identity that another live node holds is asked for again for up to IDENTITY_WAIT_S: the node of a
+    peer that crashed a moment ago lingers that long.
+
     Raises NetworkError, with a one-line reason, on a malformed address or when the node cannot start or
     reach any initial peer. Stop the node with `shutdown_dht`.
     """
     peers, announce = check_node_inputs(initial_peers, announce_maddrs or (), identity_path)
+    give_up = time.monotonic() + IDENTITY_WAIT_S
+    while True:
+        try:
+            return _start_once(peers, announce, host, port, identity_path, client_mode, validators, startup_timeout,
+                               dht_kwargs)
+        except NetworkError as e:
+            if IDENTITY_TAKEN not in str(e):
+                raise
+            if time.monotonic() >= give_up:
+                raise NetworkError(f"{e} (still after {IDENTITY_WAIT_S:.0f} s: is another process running with "
+                                   f"this identity file?)") from e
+            time.sleep(1.0)
+
+
+def _start_once(peers: list[str], announce: list[str], host: str, port: int, identity_path: str | None,
+                client_mode: bool, validators: Sequence[RecordValidatorBase] | None, startup_timeout: float,
+                dht_kwargs: dict[str, Any]) -> hivemind.DHT:
     dht = _AppDHT(
         initial_peers=peers or None,
         start=False,
