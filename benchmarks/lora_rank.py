@@ -1,6 +1,6 @@
 """Does one LoRA head, trained from scratch, fall short of full training on digits (the paper's first claim)?
 
-    .venv/bin/python benchmarks/lora_rank.py [--ranks 8 4] [--scales 8] [--replicas-only] [--classifier-lora]
+    .venv/bin/python benchmarks/lora_rank.py [--ranks 8 4] [--scales 8] [--replicas-only] [--classifier-lora] [--lte]
                                              [--steps 400] [--seeds 0 1 2] [--jobs 2] [--device cpu|cuda] [--quick]
 
 Every (rank, scale) pair is one `lora` variant with alpha = scale * rank, so the update's scale s = alpha / r stays
@@ -11,6 +11,9 @@ a rank effect). Two controls put the rank result in context:
                      the rank limits.
   --classifier-lora  the classifier is a LoRA layer too (lte.dense_modules = []), closer to the paper's code, which
                      converts every linear layer.
+  --lte              LTE at the same rank and scale too (the config's 4 heads, merged every T = 10 steps): the
+                     paper's second claim, that many heads of a rank too small for one head, merged, recover full
+                     training, because each merge adds up to heads x rank to the base's accumulated update.
 Same seeds, data and step budget as `full`, which runs alongside as the reference.
 """
 from __future__ import annotations
@@ -20,12 +23,14 @@ import statistics
 from common import TrainJob, banner, machine, parse, parser, pm, pyplot, run_jobs, save_figure, table, write_json
 
 
-def variants(ranks: list[int], scales: list[float], replicas_only: bool,
-             classifier_lora: bool) -> list[tuple[str, str, dict]]:
+def variants(ranks: list[int], scales: list[float], replicas_only: bool, classifier_lora: bool,
+             lte: bool = False) -> list[tuple[str, str, dict]]:
     out = [("full", "full", {})]
     for r in ranks:
         for s in scales:
             out.append((f"lora r={r} s={s:g}", "lora", {"lte": {"rank": r, "alpha": s * r}}))
+            if lte:
+                out.append((f"lte r={r} s={s:g}", "lte", {"lte": {"rank": r, "alpha": s * r, "merge_every": 10}}))
             if classifier_lora and r <= 10:  # the classifier has 10 outputs: the rank cannot exceed that
                 out.append((f"lora r={r} s={s:g} +classifier", "lora",
                             {"lte": {"rank": r, "alpha": s * r, "dense_modules": []}}))
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[8.0], help="s = alpha / r (default 8, the default config's)")
     ap.add_argument("--replicas-only", action="store_true")
     ap.add_argument("--classifier-lora", action="store_true")
+    ap.add_argument("--lte", action="store_true")
     ap.add_argument("--steps", type=int, help="default 400; quick 80")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2; quick 0")
     ap.add_argument("--jobs", type=int, default=2)
@@ -49,7 +55,7 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     ranks = args.ranks or ([4] if args.quick else [8, 4])
     common = {"optim": {"steps": steps, "warmup_steps": min(50, steps // 8)}, "eval_every": steps}
-    grid = variants(ranks, args.scales, args.replicas_only, args.classifier_lora)
+    grid = variants(ranks, args.scales, args.replicas_only, args.classifier_lora, args.lte)
     banner(f"One LoRA head vs full training on digits (embed 128): {steps} steps, seeds {seeds}", args.quick)
 
     jobs = [TrainJob(label, method, seed, {**common, **over}) for seed in seeds for label, method, over in grid]

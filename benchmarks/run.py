@@ -18,15 +18,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results" / "bench"
 
-# name -> script, or None for a benchmark that is not built yet (listed so the gap shows in every run).
+# name -> script, or None for a benchmark that is not built yet (listed so the gap shows in every run). Order
+# matters: communication reads the quality benchmark's JSON of the same run for its bytes-to-target table.
 BENCHMARKS: dict[str, str | None] = {
     "compute": "compute.py",
     "memory": "memory.py",
     "quality": "quality.py",
     "lora_rank": "lora_rank.py",
     "base_dtype": "base_dtype.py",
-    "communication": None,  # bytes per peer per round over real loopback runs (2, 4, 8 peers): not yet measured
-    "round_latency": None,  # averaging-round latency vs peers for a ViT-S-sized model: not yet measured
+    "communication": "communication.py",
+    "round_latency": "round_latency.py",
 }
 EXTRA_ARGS = {"lora_rank": ["--replicas-only"]}
 

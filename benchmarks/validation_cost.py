@@ -27,23 +27,29 @@ def mean_seconds(fn, repeat: int = 5) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--members", type=int, default=3)
-    args = ap.parse_args()
+def synthetic_members(spec, m: int) -> tuple[Layout, dict[str, torch.Tensor], list]:
+    """The run's layout and base, and `m` trained-looking contributions (random B, each with a V: the steady state)."""
     torch.manual_seed(0)
-    spec = load_spec(args.config)
     model = create_base_model(spec.model)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lte_model = prepare_model(copy.deepcopy(model), spec.lte.model_copy(update={"heads": 1}), spec.seed)
     layout = Layout.of(lte_model)
     members = []
-    for i in range(args.members):  # trained-looking heads, each with a V (the steady state)
+    for i in range(m):
         for layer in lte_model.layers.values():
             torch.nn.init.normal_(layer.lora_B, std=0.01)
         factors = pack_factors(lte_model, layout)
         members.append(contribution(layout, f"p{i}", 10, factors, pack_replicas(lte_model, layout), factors))
+    return layout, base, members
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/digits.yaml")
+    ap.add_argument("--members", type=int, default=3)
+    args = ap.parse_args()
+    spec = load_spec(args.config)
+    layout, base, members = synthetic_members(spec, args.members)
     shapes = dict(zip(layout.layers, layout.factor_shapes))
     checks = mean_seconds(lambda: [check_tensors(l, list(c.factors[l]), shapes[l]) for c in members for l in layout.layers])
     norms = mean_seconds(lambda: [update_norm(c, base) for c in members])

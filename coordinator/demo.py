@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from lte.cliargs import OneLineParser, directory_to_create, int_in, seconds
+from lte.cliargs import OneLineParser, device_available, directory_to_create, int_in, seconds
 from lte.config import load_spec
 from lte.errors import ConfigError
 
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--round-seconds", type=seconds, default=2.0)
     ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                     help="how merged layers travel between peers (see lte-coordinator start --help)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the peers train")
+    ap.add_argument("--eval-every", type=int_in(1), default=1, help="the coordinator evaluates every K rounds")
     ap.add_argument("--timeout", type=seconds, default=900.0, help="give up after this many seconds")
     ap.add_argument("--logs", type=Path, help="keep every process's log and JSON events here (default: a temp dir)")
     return ap.parse_args(argv)
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # the coordinator would refuse these too, but only in its log, seconds later
         load_spec(args.config)
+        device_available(args.device)
         for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--logs", args.logs)):
             if path is not None:
                 directory_to_create(path, flag)
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.append(_spawn([exe, "-m", "coordinator.cli", "start", "--config", args.config, "--checkpoint-dir",
                              str(args.checkpoint_dir), "--max-rounds", str(args.rounds), "--round-seconds",
-                             str(args.round_seconds), "--paths", args.paths, "--json"], "coordinator", events,
+                             str(args.round_seconds), "--paths", args.paths, "--eval-every", str(args.eval_every),
+                             "--json"], "coordinator", events,
                             logs / "coordinator.log"))
         join = None
         while join is None:
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coordinator up at {join}; starting {args.peers} peers (logs in {logs})", flush=True)
         for i in range(args.peers):
             procs.append(_spawn([exe, "-m", "peer.cli", "join", "--dht", join, "--shard", f"{i}/{args.peers}",
-                                 "--name", f"peer{i}", "--threads", "1", "--no-progress", "--json"],
+                                 "--name", f"peer{i}", "--threads", "1", "--device", args.device, "--no-progress",
+                                 "--json"],
                                 f"peer{i}", events, logs / f"peer{i}.log"))
         print(f"{'round':>5} {'peers':>5} {'local loss':>10} {'test acc':>8} {'bytes moved':>12}", flush=True)
         moved, last_coord_bytes, final = {}, 0, None

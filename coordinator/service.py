@@ -200,7 +200,7 @@ class Coordinator:
         accepted, contributions, bound = self._screen(k, digests)
         dense = round_dense_layers(self.layout, accepted, self.opts.paths)
         with signals_deferred():  # base, round and checkpoint change together: a SIGTERM waits until they have
-            return self._commit(k, t0, accepted, contributions, dense, bound)
+            return self._commit(k, t0, accepted, contributions, dense, bound, close)
 
     def _screen(self, k: int, digests: dict[str, Digest]) -> tuple[dict[str, Digest], list[Any], float]:
         """Round k's members that pass every check of lte/validate.py, their fetched contributions, and the
@@ -240,7 +240,7 @@ class Coordinator:
         print(f"round {k}: rejected {pid} ({reason}): {detail}", flush=True)
 
     def _commit(self, k: int, t0: float, accepted: dict[str, Digest], contributions: list[Any],
-                dense: list[str], bound: float) -> dict[str, Any]:
+                dense: list[str], bound: float, close: float) -> dict[str, Any]:
         if contributions:
             contributions = [as_dense(c, dense) for c in contributions]
             apply_update(self.base, merge_contributions(contributions, self.spec.lte.scale))
@@ -249,6 +249,7 @@ class Coordinator:
             "round": k, "members": {pid: d.to_dict() for pid, d in accepted.items()}, "hash": self.base_hash,
             "epoch": self.epoch, "rejected": dict(self.rejected), "bound": bound,
         }, self.owner, ttl=600)
+        committed_after = get_dht_time() - close  # what every peer waits before it can merge (round latency)
         self.round = k + 1
         self.next_close = get_dht_time() + self.window([d.t for d in accepted.values()])
         self.publish_base()
@@ -260,6 +261,7 @@ class Coordinator:
         if accepted:
             self.merges.append({"round": self.round, "samples": {pid: d.n for pid, d in accepted.items()}})
         summary = {"round": self.round, "peers": len(accepted), "merge_s": time.perf_counter() - t0,
+                   "commit_s": committed_after,
                    "rejected": dict(self.rejected),
                    "dense_layers": len(dense),
                    "mean_loss": (sum(d.loss for d in accepted.values()) / len(accepted)) if accepted else None,
