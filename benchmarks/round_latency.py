@@ -57,14 +57,14 @@ def mib(row: dict) -> str:
     return f"{row['expected'] / 2**20:.1f} (formula)"
 
 
-def full_rounds(run: dict, n: int) -> list[float]:
-    """Latencies of the peers' rounds that merged all N peers, leaving out each peer's first merged round (it also
-    fetches the others' previous factors). Unlike communication.py's steady rounds, the round before may have
-    missed a peer: on a machine with fewer cores than peers, one often does."""
+def full_rounds(run: dict, n: int) -> list[dict]:
+    """The peers' round events that merged all N peers, leaving out each peer's first merged round (it also fetches
+    the others' previous factors). Unlike communication.py's steady rounds, the round before may have missed a
+    peer: on a machine with fewer cores than peers, one often does."""
     out = []
     for evs in run["peers"].values():
         merged = [e for e in evs if e["merged"]]
-        out += [e["latency_s"] for e in merged[1:] if e["peers"] == n]
+        out += [e for e in merged[1:] if e["peers"] == n]
     return out
 
 
@@ -111,13 +111,14 @@ def main() -> None:
             run = run_network(str(path), n, rounds, Path(tmp) / f"run{n}", args.device, args.timeout,
                               ("--eval-every", str(10 * rounds), "--round-seconds", str(args.round_seconds)))
             st = steady(run, n)
-            latencies = full_rounds(run, n)
-            if not latencies:
+            full = full_rounds(run, n)
+            if not full:
                 print(f"{n} peers: no round merged all {n} peers after they joined; run more --rounds or a longer "
                       "--round-seconds", file=sys.stderr)
                 continue
             coord = [e for e in run["coordinator"] if e["peers"] == n]
-            st.update(peer_rounds=len(latencies), latency_s=statistics.median(latencies))
+            st.update(peer_rounds=len(full), latency_s=statistics.median(e["latency_s"] for e in full),
+                      apply_s={k: statistics.median(e["apply_s"][k] for e in full) for k in full[0]["apply_s"]})
             dense = choose_dense_layers(layout, n, "auto")
             rows[n] = {**st, "commit_s": statistics.median(e["commit_s"] for e in coord),
                        "merge_s": statistics.median(e["merge_s"] for e in coord), "dense_layers": len(dense),
@@ -128,12 +129,13 @@ def main() -> None:
     lo = min(rows)
     tables.append(table(
         ["peers", "peer-rounds with all N", "round latency s (median)", "coordinator: close to commit s",
-         "coordinator merge s", "peer: commit to merged s", "MiB received per peer", "dense-path layers",
+         "coordinator merge s", "peer: commit to merged s", "of which fetch+merge / set base / hash s",
+         "MiB received per peer", "dense-path layers",
          "1 thread: merge / norms / hash s", f"latency / latency at {lo}", "linear growth would be"],
         [[n, r["peer_rounds"], f"{r['latency_s']:.2f}", f"{r['commit_s']:.2f}", f"{r['merge_s']:.2f}",
-          f"{r['latency_s'] - r['commit_s']:.2f}", mib(r),
-          r["dense_layers"], " / ".join(f"{r['cpu'][k]:.2f}" for k in ("merge_s", "norms_s", "hash_s")), f"{r['latency_s'] / rows[lo]['latency_s']:.2f}",
-          f"{n / lo:.2f}"]
+          f"{r['latency_s'] - r['commit_s']:.2f}", " / ".join(f"{v:.2f}" for v in r["apply_s"].values()), mib(r),
+          r["dense_layers"], " / ".join(f"{r['cpu'][k]:.2f}" for k in ("merge_s", "norms_s", "hash_s")),
+          f"{r['latency_s'] / rows[lo]['latency_s']:.2f}", f"{n / lo:.2f}"]
          for n, r in rows.items()]))
     verdicts = []
     if TARGET_PEERS in rows:

@@ -359,6 +359,7 @@ class Peer:
         before = dict(self.blobs.traffic.received)
         model = self.trainer.model
         state = model.base_state_dict()
+        t_merge = time.perf_counter()
         if members:
             try:
                 if unlisted(members, self.allow):
@@ -369,10 +370,14 @@ class Peer:
                 self.log({"event": "commit_invalid", "round": k, "error": str(err)})
                 self.resync()
                 return False
+        t_set = time.perf_counter()
         self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
         self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
+        t_hash = time.perf_counter()
         data = state_bytes(model.base_state_dict())
         h = self.base_hash = hashlib.sha256(data).hexdigest()
+        # Where a round's time goes on this peer, after the commit: fetch and merge, load the base, hash it.
+        parts = {"fetch_merge": t_set - t_merge, "set_base": t_hash - t_set, "hash": time.perf_counter() - t_hash}
         if not self.client_mode:  # the coordinator lists a round's checkpoint a moment after its commit
             self.recent_bases = {r: b for r, b in self.recent_bases.items() if r == k} | {k + 1: data}
         if h != commit["hash"]:
@@ -386,7 +391,7 @@ class Peer:
         if rejected and f_sha is not None:
             self.log({"event": "contribution_rejected", "round": k, "reason": rejected})
         self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
-                  "followed": f_sha is None, "latency_s": get_dht_time() - close,
+                  "followed": f_sha is None, "latency_s": get_dht_time() - close, "apply_s": parts,
                   "samples": members[self.peer_id].n if self.peer_id in members else 0,
                   "loss": mean_loss, "base_hash": h, "bytes_received": received,
                   "bytes_sent_total": dict(self.blobs.traffic.sent)})
