@@ -145,8 +145,9 @@ def main() -> None:
     ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 2 4")
     ap.add_argument("--rounds", type=int, help="rounds per network run (default 10; quick 4)")
     ap.add_argument("--round-seconds", type=float, default=3.0,
-                    help="the coordinator's shortest round window: long enough for N peers sharing this machine's "
-                         "cores to train T steps and join, or rounds miss peers and are not steady")
+                    help="the coordinator's shortest round window, at least N seconds for N peers: long enough for N "
+                         "peers sharing this machine's cores to merge, train T steps and join, or rounds miss peers "
+                         "and are not steady")
     ap.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                     help="how merged layers travel (lte-coordinator start --paths)")
     ap.add_argument("--reference", type=Path, default=RESULTS / "quality.json",
@@ -173,7 +174,7 @@ def main() -> None:
     for n in peers:
         with tempfile.TemporaryDirectory(prefix=f"lte-comm-{n}-") as tmp:
             run = run_network(args.config, n, rounds, Path(tmp), args.device, args.timeout,
-                              ("--paths", args.paths, "--round-seconds", str(args.round_seconds)))
+                              ("--paths", args.paths, "--round-seconds", str(max(args.round_seconds, n))))
         dense = choose_dense_layers(layout, n, args.paths)
         rows[n] = {**steady(run, n), "expected": expected_per_peer(layout, n, dense), "dense_layers": len(dense),
                    "wall_s": run["wall_s"]}
