@@ -142,7 +142,7 @@ def to_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 2 4")
+    ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 3")
     ap.add_argument("--rounds", type=int, help="rounds per network run (default 10; quick 4)")
     ap.add_argument("--round-seconds", type=float, default=3.0,
                     help="the coordinator's shortest round window, at least N seconds for N peers: long enough for N "
@@ -161,7 +161,7 @@ def main() -> None:
     layout, params = layout_of(spec)
     T, batch = spec.lte.merge_every, spec.data.batch_size
     ref = json.loads(args.reference.read_text()) if args.reference.exists() else None
-    peers = args.peers or ([2, 4] if args.quick else [2, 4, 8])
+    peers = args.peers or ([3] if args.quick else [2, 4, 8])
     rounds = args.rounds or (4 if args.quick else 10)
     banner(f"Communication over loopback: {args.config}, T = {T}, {len(layout.layers)} LoRA layers of rank "
            f"{spec.lte.rank}, model {params:,} parameters", args.quick)
@@ -181,6 +181,8 @@ def main() -> None:
         if not rows[n]["peer_rounds"]:
             print(f"{n} peers: no steady round (every peer in two consecutive full rounds); run more --rounds")
     measured = {n: r for n, r in rows.items() if r["peer_rounds"]}
+    if not measured:
+        sys.exit("communication: no steady round in any run: nothing was measured (run more --rounds)")
 
     print("\nPayload bytes per peer per steady round (fp32 on the wire), measured by the network layer:\n")
     tables.append(table(
