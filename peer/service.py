@@ -205,6 +205,10 @@ class Peer:
     def _set_base(self, state, round_id: int, sent_sha: str | None) -> None:
         """Adopt a base. V becomes the factors in blob `sent_sha` (just merged), or a fresh blob of the live ones."""
         model = self.trainer.model
+        # The adopted base's replicas: training moves the model's copy, and a round that merges nobody must give
+        # back exactly this base (the commit's hash), not our trained replicas.
+        weights = {f"{l}.weight" for l in self.layout.layers}
+        self.base_replicas = {k: v.detach().clone() for k, v in state.items() if k not in weights}
         if self.spec.lte.reset:
             model.load_base(state)
             self.prev_sha = ""
@@ -358,7 +362,7 @@ class Peer:
         sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
         before = dict(self.blobs.traffic.received)
         model = self.trainer.model
-        state = model.base_state_dict()
+        state = model.base_state_dict() | self.base_replicas
         t_merge = time.perf_counter()
         if members:
             try:

@@ -182,6 +182,28 @@ def _rejected_metric(url: str) -> dict[str, float]:
             if fam.name == "lte_rejected_contributions" for s in fam.samples if s.name.endswith("_total")}
 
 
+@pytest.mark.timeout(300)
+def test_a_round_that_merges_nobody_leaves_the_base_as_it_was(tmp_path):
+    """The only member is rejected, so the commit merges nobody and keeps the base's hash. The rejected peer must
+    hold that base too, not its locally trained replicas (CI saw a hash mismatch and a needless resync when the
+    only member of a round had failed its fetch)."""
+    spec = write_spec(tmp_path)
+    with Network(tmp_path / "logs") as net:
+        coord, join = net.coordinator(spec, tmp_path / "ck", "--min-peers", "1", "--round-seconds", "2",
+                                      "--checkpoint-every", "1000")
+        adv = net.start("adv-hostile", ["tests/adversary.py", "join", "--dht", join, "--shard", "0/1", "--threads",
+                                        "1", "--no-progress", "--json", "--name", "adv"], env={"LTE_ADVERSARY": "nan"})
+        for k in range(3):
+            ev = net.wait_for(coord, lambda e: e.get("event") == "round" and e["round"] == k + 1, 180, f"round {k}")
+            assert ev["peers"] == 0 and list(ev["rejected"].values()) == ["nonfinite"], ev
+        net.wait_for(adv, lambda e: e.get("event") == "round" and e["round"] == 3, 60, "the peer's round 2")
+        assert len(adv.of("contribution_rejected")) >= 2, adv.tail()
+        assert not adv.of("hash_mismatch"), adv.of("hash_mismatch")
+        assert len(adv.of("resync")) == 1, adv.of("resync")  # the one at join
+        bases = {e["round"]: e["base_hash"] for e in adv.of("round")}
+        assert len(set(bases.values())) == 1, bases  # nobody merged: every round keeps the first base
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("content, expected", [
     (None, "cannot read it"),
