@@ -501,9 +501,14 @@ def test_peer_killed_mid_round_survivors_agree_and_restart_catches_up(fault_run)
     # The round in progress at the kill completes with both survivors' contributions, and both end it with the
     # coordinator's base: by merging the commit, or, when the dead member broke their side of the membership
     # agreement, by downloading the committed base (which then holds their own contributions already).
-    survivors = {run.ids["p0"], run.ids["p1"]}
+    # A survivor that never got into round k's group is not expected in its commit: on a loaded machine one can sit
+    # a round out (CI saw a survivor's first matchmaking fail twice, so it followed round k). Every survivor that
+    # was in the group (it logged the round's fetch phase) is, and at least one was.
+    in_group = {run.ids[n] for n in ("p0", "p1")
+                if any(e["phase"] == "fetch" and e["round"] == k for e in run.peers[n].of("phase"))}
     committed = set(run.commits[k]["members"])
-    assert survivors <= committed, f"round {k} committed {sorted(committed)}, not both survivors"
+    assert in_group, f"no survivor was in round {k}'s group"
+    assert in_group <= committed, f"round {k} committed {sorted(committed)}, not every survivor in its group"
     # That round and the next one end with the coordinator's base on both survivors.
     for r in (k + 1, k + 2):
         assert r in rounds, f"coordinator never completed round {r - 1} after the kill"
