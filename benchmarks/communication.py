@@ -9,7 +9,8 @@ samples; and the total bytes to reach the accuracy target.
 Each N runs `lte-demo` (one coordinator and N peer processes on 127.0.0.1, configs/digits.yaml) and reads every
 process's JSON events. Steady rounds only: a peer's round counts when it merged it and the round before with all N
 peers (so it already holds the others' previous factors, as docs/protocol.md assumes); joining rounds also move the
-base and are left out.
+base and are left out. Bytes of transfers that broke off and were fetched again (kind `interrupted`) are shown in
+their own column: they are real traffic, but no formula predicts them.
 
 Bytes to the target: the rounds LTE needs and the samples full training needs to reach 99 % of full's final
 accuracy come from a quality benchmark's JSON (`--reference`, default results/bench/quality.json, written by the
@@ -34,6 +35,7 @@ from lte.config import load_spec
 from lte.costs import data_parallel_bytes, layer_cost
 from lte.lora import prepare_model
 from lte.models import create_base_model
+from lte.net.counters import INTERRUPTED
 from lte.net.rounds import choose_dense_layers
 from lte.wire import Layout
 
@@ -96,10 +98,12 @@ def run_network(config: str, peers: int, rounds: int, workdir: Path, device: str
 
 
 def grouped(received: dict[str, int]) -> dict[str, int]:
-    unknown = set(received) - {k for ks in GROUPS.values() for k in ks}
+    """Bytes by group, plus INTERRUPTED: transfers that broke off and were fetched again (real bytes on the wire,
+    which no formula predicts: a loaded machine's retries, shown apart)."""
+    unknown = set(received) - {k for ks in GROUPS.values() for k in ks} - {INTERRUPTED}
     if unknown:
         raise SystemExit(f"communication: the network counts payload kinds this benchmark does not know: {unknown}")
-    return {g: sum(received.get(k, 0) for k in ks) for g, ks in GROUPS.items()}
+    return {g: sum(received.get(k, 0) for k in ks) for g, ks in GROUPS.items()} | {INTERRUPTED: received.get(INTERRUPTED, 0)}
 
 
 def steady(run: dict[str, Any], n: int) -> dict[str, Any]:
@@ -118,6 +122,7 @@ def steady(run: dict[str, Any], n: int) -> dict[str, Any]:
     coord = [(b["bytes_received"] - a["bytes_received"], b["bytes_sent"] - a["bytes_sent"])
              for a, b in zip(run["coordinator"], run["coordinator"][1:]) if a["peers"] == b["peers"] == n]
     return {"peer_rounds": len(recv), "received": {g: statistics.fmean(x[g] for x in recv) for g in GROUPS},
+            INTERRUPTED: statistics.fmean(x[INTERRUPTED] for x in recv),
             "sent": statistics.fmean(sent), "latency_s": statistics.median(latency),
             "coordinator_received": statistics.fmean(c[0] for c in coord) if coord else None,
             "coordinator_sent": statistics.fmean(c[1] for c in coord) if coord else None}
@@ -186,10 +191,11 @@ def main() -> None:
 
     print("\nPayload bytes per peer per steady round (fp32 on the wire), measured by the network layer:\n")
     tables.append(table(
-        ["peers", "dense-path layers", "steady peer-rounds", *GROUPS, "received", "formula (protocol.md)", "measured / formula", "sent",
-         "coordinator recv / sent"],
+        ["peers", "dense-path layers", "steady peer-rounds", *GROUPS, "received", "formula (protocol.md)", "measured / formula",
+         "interrupted (retried)", "sent", "coordinator recv / sent"],
         [[n, f"{r['dense_layers']}/{len(layout.layers)}", r["peer_rounds"], *(f"{r['received'][g]:,.0f}" for g in GROUPS), f"{sum(r['received'].values()):,.0f}",
           f"{sum(r['expected'].values()):,}", f"{sum(r['received'].values()) / sum(r['expected'].values()):.4f}",
+          f"{r[INTERRUPTED]:,.0f}",
           f"{r['sent']:,.0f}", "—" if r["coordinator_received"] is None else
           f"{r['coordinator_received']:,.0f} / {r['coordinator_sent']:,.0f}"] for n, r in measured.items()]))
     # The dense formula is the mean over peers (a layer's rows split unevenly when N does not divide them) and
@@ -204,7 +210,7 @@ def main() -> None:
           f"cumulative batch {batch}):\n")
     base_rows = []
     for n, r in measured.items():
-        lte = sum(r["received"].values())
+        lte = sum(r["received"].values()) + r[INTERRUPTED]  # every byte that crossed the wire, retries included
         dp, diloco = data_parallel_bytes(params, T, n), data_parallel_bytes(params, 1, n)
         r.update(data_parallel=dp, diloco=diloco)
         base_rows.append([n, f"{lte:,.0f}", f"{dp:,}", f"{lte / dp:.4f} (1/{dp / lte:.0f})", f"{diloco:,}",
@@ -222,7 +228,7 @@ def main() -> None:
         for n, r in measured.items():
             dp_total = data_parallel_bytes(params, 1, n) * s_full / batch
             if s_lte:
-                lte_total = sum(r["received"].values()) * s_lte / (batch * T)
+                lte_total = (sum(r["received"].values()) + r[INTERRUPTED]) * s_lte / (batch * T)
                 r.update(to_target={"lte": lte_total, "data_parallel": dp_total})
                 rows_t.append([n, f"{lte_total / 2**20:,.1f}", f"{dp_total / 2**20:,.1f}",
                                f"{lte_total / dp_total:.4f} (1/{dp_total / lte_total:.0f})"])

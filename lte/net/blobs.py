@@ -34,7 +34,7 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from lte.net.aio import LoopThread
 from lte.net.blobstore import BlobStore, FileBlob, FileDigest, Wire, decode, digest
-from lte.net.counters import TrafficCounter
+from lte.net.counters import INTERRUPTED, TrafficCounter
 from lte.net.errors import (
     BlobFetchError,
     BlobIntegrityError,
@@ -139,15 +139,18 @@ class BlobServicer(ServicerBase):
         refusal = self._refusal(0)
         if refusal:
             return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason=refusal))
-        received, total = _Reassembler(), 0
-        async for request in requests:
-            for chunk in request.tensors:
-                total += len(chunk.buffer)
-                self.traffic.add_received(kind, len(chunk.buffer))
-                if total > self.max_push_bytes:
-                    return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="blob too large"))
-                received.add(chunk)
-        if not received.complete or len(received.parts) != count:
+        received, total, complete = _Reassembler(), 0, False
+        try:
+            async for request in requests:
+                for chunk in request.tensors:
+                    total += len(chunk.buffer)
+                    if total > self.max_push_bytes:
+                        return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="blob too large"))
+                    received.add(chunk)
+            complete = received.complete and len(received.parts) == count
+        finally:
+            self.traffic.add_received(kind if complete else INTERRUPTED, total)
+        if not complete:
             return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="truncated blob"))
         if await asyncio.to_thread(digest, received.parts) != sha:
             return runtime_pb2.ExpertResponse(metadata=_pack(status="error", reason="hash mismatch"))
@@ -336,12 +339,16 @@ class BlobService:
             header = _meta(await anext(stream, None))
             if not header.get("found"):
                 raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
-            received = _Reassembler()
-            async for message in stream:
-                for chunk in message.tensors:
-                    self.traffic.add_received(kind, len(chunk.buffer))
-                    received.add(chunk)
-        if not received.complete or len(received.parts) != header.get("count"):
+            received, nbytes, complete = _Reassembler(), 0, False
+            try:
+                async for message in stream:
+                    for chunk in message.tensors:
+                        nbytes += len(chunk.buffer)
+                        received.add(chunk)
+                complete = received.complete and len(received.parts) == header.get("count")
+            finally:  # also on cancellation: the bytes crossed the wire either way
+                self.traffic.add_received(kind if complete else INTERRUPTED, nbytes)
+        if not complete:
             raise BlobTruncated(f"blob {sha[:12]} from {peer}: stream ended early")
         return received.parts
 

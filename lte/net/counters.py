@@ -11,6 +11,10 @@ from collections import defaultdict
 
 MAX_KINDS = 32
 OTHER_KIND = "other"
+# Bytes of a received blob whose transfer broke off or was refused (a stream that ended early, a timeout, an
+# oversized push): they crossed the wire, so totals keep them, but apart, so that a kind's bytes are what its
+# formula predicts and retries show as what they are.
+INTERRUPTED = "interrupted"
 _KIND = re.compile(r"[A-Za-z0-9_.:-]{1,40}")
 
 

@@ -9,7 +9,7 @@ import torch
 from lte.net import BlobFetchError, BlobIntegrityError, BlobNotFound, BlobTimeout, NetworkError
 from lte.net.blobs import BlobService
 from lte.net.blobstore import BlobStore, decode, digest, encode
-from lte.net.counters import MAX_KINDS, OTHER_KIND, TrafficCounter
+from lte.net.counters import INTERRUPTED, MAX_KINDS, OTHER_KIND, TrafficCounter
 from lte.net.node import shutdown_dht, start_dht, visible_maddrs
 
 
@@ -214,8 +214,12 @@ def test_a_stream_that_breaks_off_is_fetched_again_within_the_timeout(trio, monk
     store = trio.server.store
     real_get = store.get
     monkeypatch.setattr(store, "get", lambda key: flaky if key == sha else real_get(key))
+    before = trio.hub.traffic.received.get(INTERRUPTED, 0)
     assert _equal(trio.hub.fetch(trio.server.peer_id, sha, kind="t_flaky", timeout=30), tensors)
     assert _BreaksOffOnce.broke  # the first transfer really broke off
+    # The blob's kind counts one whole copy, as a formula would; the broken-off bytes are counted apart.
+    assert trio.hub.traffic.received["t_flaky"] == blob.nbytes
+    assert 0 < trio.hub.traffic.received[INTERRUPTED] - before <= tensors[0].numel() * 4
 
 
 @pytest.mark.timeout(120)
