@@ -44,6 +44,12 @@ from coordinator.checkpoints import ADDRESS_FILE, CheckpointPublisher, Checkpoin
 from coordinator.curve import Curve
 from coordinator.metrics import CoordinatorMetrics
 
+# Rounds of members' blobs the coordinator keeps serving (the newest committed round and the ones before it).
+# Peers need one round back for V; a peer that merges slowly (a dead member's dense slices waited for, a loaded
+# machine, a just-joined peer) needs the round it is merging while the coordinator commits the next ones, and
+# fetches it from here when the member itself is gone. Costs a round's blobs of memory per extra round.
+ROUNDS_KEPT = 3
+
 
 @dataclass
 class CoordinatorOptions:
@@ -254,7 +260,7 @@ class Coordinator:
         self.next_close = get_dht_time() + self.window([d.t for d in accepted.values()])
         self.publish_base()
         publish_base_hash(self.dht, self.run, self.round, self.peer_id, self.base_hash)
-        self.blobs.store.drop_rounds_before(k - 1)
+        self.blobs.store.drop_rounds_before(k + 1 - ROUNDS_KEPT)
         for pid, d in accepted.items():
             st = self.peers.setdefault(pid, PeerStats())
             st.samples, st.rounds, st.last_round = st.samples + d.n, st.rounds + 1, k

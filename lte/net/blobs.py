@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 
 import hivemind
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -42,6 +42,7 @@ from lte.net.errors import (
     BlobNotFound,
     BlobTimeout,
     BlobTruncated,
+    BlobUnreachable,
     NetworkError,
     one_line,
 )
@@ -91,6 +92,16 @@ class _Reassembler:
     @property
     def complete(self) -> bool:
         return not self._current
+
+
+# A peer that cannot be dialled is asked this many more times before the next source is tried.
+DIAL_RETRIES = 1
+
+
+def _is_dial_failure(error: BaseException) -> bool:
+    """hivemind's p2pd control error for a peer that no connection can reach ("failed to dial ...: all dials
+    failed"), as opposed to a stream that opened and then broke off."""
+    return isinstance(error, P2PDaemonError) and "dial" in str(error)
 
 
 class BlobServicer(ServicerBase):
@@ -312,9 +323,12 @@ class BlobService:
     async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float) -> list[runtime_pb2.Tensor]:
         """`_download` within `timeout`, tried again while time is left when the stream broke off: on a loaded
         machine a libp2p stream occasionally ends early, and a round should not lose a member for it. A peer that
-        says it lacks the blob is not asked again."""
+        says it lacks the blob is not asked again, and one that cannot be dialled is asked once more only
+        (`DIAL_RETRIES`): it is most often a dead process, and every second spent on it delays the fallback to the
+        next source (the coordinator) for a whole round."""
         deadline = asyncio.get_running_loop().time() + timeout
         truncated: BlobTruncated | None = None
+        dials_left = DIAL_RETRIES
         while True:
             left = deadline - asyncio.get_running_loop().time()
             try:
@@ -327,8 +341,11 @@ class BlobService:
                 raise BlobTimeout(f"blob {sha[:12]} from {peer}: no complete answer within {timeout:.1f} s") from None
             except Exception as e:
                 err = e if isinstance(e, BlobFetchError) else BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}")
+                if _is_dial_failure(e):
+                    err = BlobUnreachable(f"blob {sha[:12]} from {peer}: cannot reach the peer ({one_line(e)})")
+                    dials_left -= 1
                 truncated = err if isinstance(err, BlobTruncated) else truncated
-                if deadline - asyncio.get_running_loop().time() < 1.0:
+                if deadline - asyncio.get_running_loop().time() < 1.0 or dials_left < 0:
                     raise err from e
                 await asyncio.sleep(0.2)
 

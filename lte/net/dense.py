@@ -22,24 +22,43 @@ from torch import Tensor
 from lte.merge import HeadContribution, merge_contributions
 from lte.net import NetworkError
 from lte.net.blobs import BlobService
+from lte.net.errors import BlobUnreachable
 from lte.net.records import publish, read
 from lte.net.rounds import DENSE_REDUCED, DENSE_SLICES, Digest, fetch_from, member_delta
 from lte.validate import Rejected, check_tensors
+
+
+# A member whose announcement is this late gets dialled to tell slow from dead (see `_wait_for`).
+PROBE_AFTER_S = 1.0
+NO_BLOB = "0" * 64  # an address no blob has: asking for it costs a round trip and tells whether the peer answers
 
 
 def row_bounds(rows: int, owners: int) -> list[tuple[int, int]]:
     return [(i * rows // owners, (i + 1) * rows // owners) for i in range(owners)]
 
 
-def _wait_for(dht, key: str, names: Sequence[str], deadline: float) -> dict:
+def _wait_for(dht, blobs: BlobService, key: str, names: Sequence[str], deadline: float) -> dict:
+    """Every member's announcement under `key`. A member that has not announced after `PROBE_AFTER_S` is dialled
+    (a request for a blob nobody has): one that cannot be reached is dead, and waiting out the deadline for it
+    would only delay the fallback to the factor path, which fetches its factors from the coordinator."""
+    probe_at = time.monotonic() + PROBE_AFTER_S
     while True:
         entries = read(dht, key)
         entries = entries if isinstance(entries, dict) else {}
-        if all(n in entries for n in names):
+        missing = [n for n in names if n not in entries]
+        if not missing:
             return entries
         if time.monotonic() > deadline:
-            missing = [n[-8:] for n in names if n not in entries]
-            raise NetworkError(f"dense path: no announcement from {', '.join(missing)} in time")
+            raise NetworkError(f"dense path: no announcement from {', '.join(n[-8:] for n in missing)} in time")
+        if time.monotonic() > probe_at:
+            for pid in missing:
+                try:
+                    blobs.fetch(pid, NO_BLOB, kind=DENSE_SLICES, timeout=min(5.0, max(1.0, deadline - time.monotonic())))
+                except BlobUnreachable:
+                    raise NetworkError(f"dense path: {pid[-8:]} cannot be reached (gone since the commit)") from None
+                except NetworkError:
+                    pass  # it answered (not found), or was slow: alive as far as we can tell
+            probe_at = time.monotonic() + PROBE_AFTER_S
         time.sleep(0.1)
 
 
@@ -80,7 +99,7 @@ def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layer
     slice_key, reduced_key = f"lte.{run}.dense.{round_id}", f"lte.{run}.reduced.{round_id}"
     publish(dht, slice_key, {"s": shas}, ttl=300, subkey=me)
     # 2. Own slice `pos`: gather it from everyone, reduce exactly like the coordinator does on whole matrices.
-    announced = _wait_for(dht, slice_key, owners, deadline)
+    announced = _wait_for(dht, blobs, slice_key, [o for o in owners if o != me], deadline)
     mine = {}
     for pid in owners:
         if pid == me:
@@ -96,7 +115,7 @@ def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layer
     reduced = blobs.put(new_rows, kind=DENSE_REDUCED, round_id=round_id)
     publish(dht, reduced_key, reduced, ttl=300, subkey=me)
     # 3. All-gather the owners' rows.
-    done = _wait_for(dht, reduced_key, owners, deadline)
+    done = _wait_for(dht, blobs, reduced_key, [o for o in owners if o != me], deadline)
     parts = {}
     for j, pid in enumerate(owners):
         parts[j] = new_rows if pid == me else checked(f"rows from {pid}", fetch_from(

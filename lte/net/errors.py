@@ -38,6 +38,11 @@ class BlobTruncated(BlobIntegrityError):
     """The sender's stream ended before the blob was complete (tried again while the timeout lasts)."""
 
 
+class BlobUnreachable(BlobFetchError):
+    """The peer could not be dialled (its process is gone, or its addresses are dead): the next source should be
+    tried at once, not after the timeout."""
+
+
 class BlobMalformed(BlobFetchError):
     """The bytes hash to their address but do not decode as tensors: the sender built a broken blob."""
 

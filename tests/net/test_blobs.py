@@ -1,6 +1,9 @@
 """Content-addressed blob exchange between three real nodes (two servers, one client-mode)."""
 from __future__ import annotations
 
+import os
+import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +11,9 @@ import torch
 
 from lte.net import BlobFetchError, BlobIntegrityError, BlobNotFound, BlobTimeout, NetworkError
 from lte.net.blobs import BlobService
+from lte.net.dense import _wait_for
+from lte.net.errors import BlobUnreachable
+from lte.net.rounds import fetch_from
 from lte.net.blobstore import BlobStore, decode, digest, encode
 from lte.net.counters import INTERRUPTED, MAX_KINDS, OTHER_KIND, TrafficCounter
 from lte.net.node import shutdown_dht, start_dht, visible_maddrs
@@ -26,7 +32,7 @@ def trio():
         services.append(BlobService(dhts[1], "test"))
         services.append(BlobService(dhts[2], "test"))
         yield SimpleNamespace(hub=services[0], server=services[1], client=services[2],
-                              server_maddrs=visible_maddrs(dhts[1]))
+                              server_maddrs=visible_maddrs(dhts[1]), hub_maddrs=addrs, server_dht=dhts[1])
     finally:
         for service in services:
             service.close()
@@ -220,6 +226,39 @@ def test_a_stream_that_breaks_off_is_fetched_again_within_the_timeout(trio, monk
     # The blob's kind counts one whole copy, as a formula would; the broken-off bytes are counted apart.
     assert trio.hub.traffic.received["t_flaky"] == blob.nbytes
     assert 0 < trio.hub.traffic.received[INTERRUPTED] - before <= tensors[0].numel() * 4
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_source_is_given_up_at_once_and_the_next_one_serves(trio):
+    """A member killed after the coordinator got its blobs: peers must not spend their whole fetch timeout dialling
+    the dead process before they ask the coordinator, or they miss the next rounds too (seen in CI)."""
+    doomed = start_dht(trio.hub_maddrs)
+    service = BlobService(doomed, "test")
+    try:
+        sha = service.put(_tensors(12), kind="t_dead")
+        trio.hub.store.put_encoded(service.store.get(sha).parts, kind="t_dead", sha=sha)  # the coordinator's copy
+        assert _equal(trio.server.fetch(service.peer_id, sha, kind="t_dead", timeout=30), _tensors(12))
+        trio.server.store.remove(sha)
+        os.killpg(doomed.pid, signal.SIGKILL)  # the DHT process and its p2pd: the peer's process is gone
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        with pytest.raises(BlobUnreachable, match="cannot reach"):
+            trio.server.fetch(service.peer_id, sha, kind="t_dead", timeout=60)
+        assert time.monotonic() - t0 < 20, "the fetch waited for its timeout on a peer nobody can dial"
+        t0 = time.monotonic()
+        got = fetch_from(trio.server, [service.peer_id, trio.hub.peer_id], [sha], "t_dead", 0, 60)
+        assert _equal(got[0], _tensors(12)) and time.monotonic() - t0 < 20
+        # The dense path's wait for members' slice announcements gives up on the dead member, not at the deadline...
+        t0 = time.monotonic()
+        with pytest.raises(NetworkError, match="cannot be reached"):
+            _wait_for(trio.server_dht, trio.server, "lte.test.dense.0", [str(service.peer_id)], t0 + 60)
+        assert time.monotonic() - t0 < 20
+        # ...while a live member that is merely slow is waited for until the deadline.
+        with pytest.raises(NetworkError, match="in time"):
+            _wait_for(trio.server_dht, trio.server, "lte.test.dense.0", [str(trio.hub.peer_id)], time.monotonic() + 3)
+    finally:
+        service.close()
+        shutdown_dht(doomed)
 
 
 @pytest.mark.timeout(120)
