@@ -3,7 +3,7 @@ network layer counts them; checked against the formulas of docs/protocol.md; com
 data-parallel gradient all-reduce and a DiLoCo-style run (dense delta all-reduce every T steps) move for the same
 samples; and the total bytes to reach the accuracy target.
 
-    .venv/bin/python benchmarks/communication.py [--peers 2 4 8] [--rounds 10] [--paths auto] [--device cpu|cuda] [--quick]
+    .venv/bin/python benchmarks/communication.py [--peers 2 4 8] [--rounds 8] [--paths auto] [--device cpu|cuda] [--quick]
     .venv/bin/python benchmarks/communication.py --to-target 150 --peers 4 --reference QUALITY_JSON
 
 Each N runs `lte-demo` (one coordinator and N peer processes on 127.0.0.1, configs/digits.yaml) and reads every
@@ -148,7 +148,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
     ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 3")
-    ap.add_argument("--rounds", type=int, help="rounds per network run (default 10; quick 4)")
+    ap.add_argument("--rounds", type=int, help="rounds per network run (default 8; quick 4)")
     ap.add_argument("--round-seconds", type=float, default=3.0,
                     help="the coordinator's shortest round window, at least N seconds for N peers: long enough for N "
                          "peers sharing this machine's cores to merge, train T steps and join, or rounds miss peers "
@@ -167,7 +167,7 @@ def main() -> None:
     T, batch = spec.lte.merge_every, spec.data.batch_size
     ref = json.loads(args.reference.read_text()) if args.reference.exists() else None
     peers = args.peers or ([3] if args.quick else [2, 4, 8])
-    rounds = args.rounds or (4 if args.quick else 10)
+    rounds = args.rounds or (4 if args.quick else 8)
     banner(f"Communication over loopback: {args.config}, T = {T}, {len(layout.layers)} LoRA layers of rank "
            f"{spec.lte.rank}, model {params:,} parameters", args.quick)
     tables, verdicts, payload = [], [], {"machine": machine(args.device), "quick": args.quick, "config": args.config,

@@ -14,11 +14,18 @@ a rank effect). Two controls put the rank result in context:
   --lte              LTE at the same rank and scale too (the config's 4 heads, merged every T = 10 steps): the
                      paper's second claim, that many heads of a rank too small for one head, merged, recover full
                      training, because each merge adds up to heads x rank to the base's accumulated update.
-Same seeds, data and step budget as `full`, which runs alongside as the reference.
+Same seeds, data and step budget as `full`, which runs alongside as the reference. With --full-from QUALITY_JSON
+(what `make bench` passes), `full`'s runs are taken from the quality benchmark of the same run instead, when they
+are exactly the runs this one would repeat: same config, device, torch, seeds and overrides (all but `eval_every`,
+which does not touch training). Training is deterministic, so they are the same numbers, three runs sooner.
 """
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
+
+import torch
 
 from common import TrainJob, banner, machine, parse, parser, pm, pyplot, run_jobs, save_figure, table, write_json
 
@@ -39,6 +46,25 @@ def variants(ranks: list[int], scales: list[float], replicas_only: bool, classif
     return out
 
 
+def stored_runs(path: Path | None, jobs: list[TrainJob], config: str, device: str) -> dict[int, dict]:
+    """{job index: stored run} for the jobs that `path` (a quality benchmark's JSON) already ran exactly: its
+    `full` runs, in practice (its LoRA variants have other ranks)."""
+    if path is None or not path.exists():
+        return {}
+    stored = json.loads(path.read_text())
+    if (stored.get("config"), stored.get("device"), stored["machine"].get("torch")) != (config, device, torch.__version__):
+        return {}
+    same = lambda a, b: {k: v for k, v in a.items() if k != "eval_every"} == {k: v for k, v in b.items() if k != "eval_every"}  # noqa: E731
+    out = {}
+    for i, job in enumerate(jobs):
+        for run in stored["runs"]:
+            if (run["method"], run["seed"], run["base_dtype"]) == (job.method, job.seed, job.base_dtype) \
+                    and same(run["overrides"], job.overrides):
+                out[i] = {**run, "label": job.label, "from": str(path)}
+                break
+    return out
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml")
@@ -50,6 +76,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="default 400; quick 80")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2; quick 0")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--full-from", type=Path, metavar="QUALITY_JSON",
+                    help="take full's runs from this quality benchmark JSON when they are the same runs")
     args = parse(ap)
     steps = args.steps or (80 if args.quick else 400)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -59,7 +87,12 @@ def main() -> None:
     banner(f"One LoRA head vs full training on digits (embed 128): {steps} steps, seeds {seeds}", args.quick)
 
     jobs = [TrainJob(label, method, seed, {**common, **over}) for seed in seeds for label, method, over in grid]
-    runs = run_jobs(jobs, args.config, args.device, args.jobs)
+    reused = stored_runs(args.full_from, jobs, args.config, args.device)
+    if reused:
+        print(f"{len(reused)} run(s) taken from {args.full_from} (the same runs; training is deterministic): "
+              f"{', '.join(sorted({jobs[i].label for i in reused}))}")
+    fresh = iter(run_jobs([j for i, j in enumerate(jobs) if i not in reused], args.config, args.device, args.jobs))
+    runs = [reused[i] if i in reused else next(fresh) for i in range(len(jobs))]
     by = {label: [r for r in runs if r["label"] == label] for label, _, _ in grid}
     full = statistics.fmean(r["test_accuracy"] for r in by["full"])
 

@@ -118,7 +118,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         save_figure(fig, args.out_dir, "quality")
     write_json(args.out_dir, "quality", {"machine": stored["machine"] if args.from_json else machine(args.device), "quick": args.quick, "steps": steps,
-                                          "seeds": seeds, "eval_every": every, "full_final": full_final,
+                                          "config": args.config, "device": args.device, "seeds": seeds, "eval_every": every, "full_final": full_final,
                                           "target_accuracy": target, "summary": summary, "table": text,
                                           "verdicts": verdicts, "runs": runs})
 

@@ -1,6 +1,6 @@
 """Averaging-round latency against the number of peers, on loopback, for a ViT-S-sized model.
 
-    .venv/bin/python benchmarks/round_latency.py [--peers 2 4 8] [--rounds 8] [--round-seconds 8] [--rank 32] [--device cpu|cuda] [--quick]
+    .venv/bin/python benchmarks/round_latency.py [--peers 2 4 8] [--rounds 7] [--round-seconds 8] [--rank 32] [--device cpu|cuda] [--quick]
 
 The model is ViT-S's trunk (embed 384, 12 blocks, 6 heads: 21.3M parameters) on digits' 8x8 images with patch 2, so
 each peer's training is cheap and the round is what is measured: every peer takes T = 1 step on 2 samples, then
@@ -88,7 +88,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml", help="the spec the ViT-S variant is derived from")
     ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 2")
-    ap.add_argument("--rounds", type=int, help="rounds per network run (default 8; quick 4)")
+    ap.add_argument("--rounds", type=int, help="rounds per network run (default 7; quick 4)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--round-seconds", type=float, default=8.0,
                     help="the coordinator's round window: long enough that all N peers, sharing this machine's cores, "
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1200.0, help="per network run, seconds")
     args = parse(ap)
     peers = args.peers or ([2] if args.quick else [2, 4, 8])
-    rounds = args.rounds or (4 if args.quick else 8)
+    rounds = args.rounds or (4 if args.quick else 7)
     cores = len(os.sched_getaffinity(0))
     rows, tables = {}, []
     with tempfile.TemporaryDirectory(prefix="lte-latency-") as tmp:

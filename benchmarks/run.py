@@ -29,7 +29,8 @@ BENCHMARKS: dict[str, str | None] = {
     "communication": "communication.py",
     "round_latency": "round_latency.py",
 }
-EXTRA_ARGS = {"lora_rank": ["--replicas-only"]}
+# lora_rank's `full` runs are quality's (same seeds and steps): it takes them from quality's JSON of this run.
+EXTRA_ARGS = {"lora_rank": ["--replicas-only", "--full-from", str(RESULTS / "quality.json")]}
 
 
 def main() -> None:
