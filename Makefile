@@ -33,7 +33,7 @@ $(BENCH): $(LINK)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@touch $@
 
-# All benchmarks on CPU (about an hour on 2 cores, see docs/benchmarks.md "Run time"); results/bench/.
+# All benchmarks on CPU (under 30 minutes on 2 idle cores, see docs/benchmarks.md "Run time"); results/bench/.
 bench: $(BENCH)
 	$(BIN)/python benchmarks/run.py
 

@@ -1,6 +1,6 @@
 """Averaging-round latency against the number of peers, on loopback, for a ViT-S-sized model.
 
-    .venv/bin/python benchmarks/round_latency.py [--peers 2 4 8] [--rounds 7] [--round-seconds 8] [--rank 32] [--device cpu|cuda] [--quick]
+    .venv/bin/python benchmarks/round_latency.py [--peers 2 4 8] [--rounds R] [--round-seconds S] [--rank 32] [--device cpu|cuda] [--quick]
 
 The model is ViT-S's trunk (embed 384, 12 blocks, 6 heads: 21.3M parameters) on digits' 8x8 images with patch 2, so
 each peer's training is cheap and the round is what is measured: every peer takes T = 1 step on 2 samples, then
@@ -88,15 +88,20 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--config", default="configs/digits.yaml", help="the spec the ViT-S variant is derived from")
     ap.add_argument("--peers", type=int, nargs="+", help="default 2 4 8; quick 2")
-    ap.add_argument("--rounds", type=int, help="rounds per network run (default 7; quick 4)")
+    ap.add_argument("--rounds", type=int, help="rounds per network run (default 4: the first is the joining round, "
+                                               "every later one merges all N; 3 left 8 peers one full round)")
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--round-seconds", type=float, default=8.0,
-                    help="the coordinator's round window: long enough that all N peers, sharing this machine's cores, "
-                         "finish their step and join each round (the latency is counted from the close)")
+    ap.add_argument("--round-seconds", type=float,
+                    help="the coordinator's round window (default max(8, 4 N) s): long enough that all N peers, "
+                         "sharing this machine's cores, finish merging the last round and their step, and join each "
+                         "round. The coordinator sizes windows by the peers' training time only, so on 2 cores 8 "
+                         "peers that take 25 s to merge would miss every other round (the latency is counted from "
+                         "the close, so the window does not add to it)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="per network run, seconds")
     args = parse(ap)
     peers = args.peers or ([2] if args.quick else [2, 4, 8])
-    rounds = args.rounds or (4 if args.quick else 7)
+    rounds_at = lambda n: args.rounds or 4  # noqa: E731
+    window_at = lambda n: args.round_seconds or max(8.0, 4.0 * n)  # noqa: E731
     cores = len(os.sched_getaffinity(0))
     rows, tables = {}, []
     with tempfile.TemporaryDirectory(prefix="lte-latency-") as tmp:
@@ -107,9 +112,10 @@ def main() -> None:
             layout, params = layout_of(spec)
             if n == peers[0]:
                 banner(f"Round latency on loopback: ViT-S-sized model ({params:,} parameters, {len(layout.layers)} LoRA "
-                       f"layers of rank {args.rank}), {rounds} rounds per N, {cores} cores", args.quick)
-            run = run_network(str(path), n, rounds, Path(tmp) / f"run{n}", args.device, args.timeout,
-                              ("--eval-every", str(10 * rounds), "--round-seconds", str(args.round_seconds)))
+                       f"layers of rank {args.rank}), {', '.join(f'{rounds_at(m)} rounds of {window_at(m):g} s at N = {m}' for m in peers)}, "
+                       f"{cores} cores", args.quick)
+            run = run_network(str(path), n, rounds_at(n), Path(tmp) / f"run{n}", args.device, args.timeout,
+                              ("--eval-every", str(10 * rounds_at(n)), "--round-seconds", str(window_at(n))))
             st = steady(run, n)
             full = full_rounds(run, n)
             if not full:

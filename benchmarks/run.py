@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--device cpu|cuda] [--only quality compute ...]
 
-`make bench` runs this (CPU, about an hour on 2 cores); `make bench-quick` runs it with --quick
+`make bench` runs this (CPU, under 30 minutes on 2 idle cores); `make bench-quick` runs it with --quick
 (fewer steps and seeds, under 5 minutes: a smoke run whose numbers are labelled QUICK and are not the reported
 ones). docs/benchmarks.md records the full run. Results: results/bench/*.json and *.png.
 """
