@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("paths", ["factors", "dense"])
 def test_measured_bytes_per_round_equal_the_protocol_formulas(tmp_path, paths):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "communication.py"), "--peers", "3", "--rounds", "4",
+    # 6 rounds: on a loaded machine a peer can miss a 3-s window, and a round counts only when its peers merged it and
+    # the one before with all 3 (4 rounds once left no such round in CI).
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "communication.py"), "--peers", "3", "--rounds", "6",
            "--paths", paths, "--out-dir", str(tmp_path), "--reference", str(tmp_path / "none.json"),
            "--timeout", "300"]
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=380)
