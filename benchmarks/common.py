@@ -125,6 +125,7 @@ class TrainJob:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
     base_dtype: str = "fp32"
+    participation: float = 1.0  # emulated peers missing rounds (lte.train.train), not part of the spec
 
 
 def _run_job(job: TrainJob, config: str, device: str, threads: int) -> dict[str, Any]:
@@ -136,7 +137,8 @@ def _run_job(job: TrainJob, config: str, device: str, threads: int) -> dict[str,
         torch.set_num_threads(threads)
     spec = load_spec(config, {**job.overrides, "seed": job.seed})
     data = load_datasets(spec.data, 0)  # one split for every seed: seeds vary init, head seeds and batch order
-    r = train(spec, job.method, device=device, progress=False, datasets=data, base_dtype=job.base_dtype)
+    r = train(spec, job.method, device=device, progress=False, datasets=data, base_dtype=job.base_dtype,
+              participation=job.participation)
     return {**asdict(job), **{k: r[k] for k in ("test_accuracy", "test_loss", "wall_time_s", "trainable_parameters",
                                                  "samples_seen", "merges", "eval_curve")}}
 

@@ -1,7 +1,8 @@
 """What validating contributions costs next to merging them (lte/validate.py): tensor checks and update norms of
-M contributions against `merge_contributions` of the same M, on the run's model.
+M contributions, and the coordinator's loss scoring of each on its private scoring set (lte/score.py), against
+`merge_contributions` of the same M, on the run's model.
 
-    python benchmarks/validation_cost.py [--config configs/digits.yaml] [--members 3]
+    python benchmarks/validation_cost.py [--config configs/digits.yaml] [--members 3] [--score-size 256]
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from lte.config import load_spec
 from lte.lora import prepare_model
 from lte.merge import merge_contributions
 from lte.models import create_base_model
+from lte.data import load_datasets
+from lte.score import SCORE_SIZE, Scorer, scoring_indices
 from lte.validate import check_tensors, update_norm
 from lte.wire import Layout, contribution, pack_factors, pack_replicas
 
@@ -47,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/digits.yaml")
     ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--score-size", type=int, default=SCORE_SIZE, help="examples in the scoring set")
     args = ap.parse_args()
     spec = load_spec(args.config)
     layout, base, members = synthetic_members(spec, args.members)
@@ -54,11 +58,23 @@ def main() -> None:
     checks = mean_seconds(lambda: [check_tensors(l, list(c.factors[l]), shapes[l]) for c in members for l in layout.layers])
     norms = mean_seconds(lambda: [update_norm(c, base) for c in members])
     merge = mean_seconds(lambda: merge_contributions(members, spec.lte.scale))
+    train = load_datasets(spec.data, spec.seed)[0]
+    idx = scoring_indices(len(train), args.score_size, b"benchmark")
+    x, y = (t[idx] for t in train.tensors[:2]) if hasattr(train, "tensors") else \
+        (torch.stack([train[i][0] for i in idx]), torch.tensor([int(train[i][1]) for i in idx]))
+    model = create_base_model(spec.model)
+    scorer = Scorer(model, x, y, spec.lte.scale)
+    base_loss = mean_seconds(lambda: scorer.loss(base))
+    scorer.base_loss(base, "b")  # once per round
+    w = 1.0 / len(members)
+    scores = mean_seconds(lambda: [scorer.score(base, "b", c, w) for c in members])
     r = layout.factor_shapes[0][0][0]
     print(f"{spec.model.name} {spec.model.kwargs}: {len(layout.layers)} layers, r = {r}, {args.members} members, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, scoring set of {len(idx)}")
     print(f"| step | ms | x merge |\n|---|---|---|")
-    for name, sec in (("tensor checks", checks), ("update norms", norms), ("merge", merge)):
+    for name, sec in (("tensor checks", checks), ("update norms", norms), ("scoring: base loss (once a round)", base_loss),
+                      ("scoring: all members", scores), ("scoring: per member", scores / len(members)),
+                      ("merge", merge)):
         print(f"| {name} | {sec * 1e3:.1f} | {sec / merge:.2f} |")
 
 

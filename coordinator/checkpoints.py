@@ -258,7 +258,7 @@ class CheckpointPublisher:
 
     def __init__(self, dht: Any, blobs: BlobService, run: str, owner: bytes):
         self.dht, self.blobs, self.run, self.owner = dht, blobs, run, owner
-        self._served: set[str] = set()
+        self._served: dict[str, Path] = {}  # blob address -> the file it is served from
         self._published_at = -math.inf
 
     def publish(self, store: CheckpointStore) -> None:
@@ -267,11 +267,14 @@ class CheckpointPublisher:
         for c in saved:
             wanted[c.model_blob] = c.path / MODEL_FILE
             wanted[c.meta_blob] = c.path / META_FILE
-        for sha in self._served - set(wanted):
+        for sha in set(self._served) - set(wanted):
             self.blobs.store.remove(sha)
-        for sha in set(wanted) - self._served:
-            self.blobs.store.put_file(wanted[sha], kind=CHECKPOINT, sha=sha)
-        self._served = set(wanted)
+        # Two rounds hold the same bytes when the later merged nobody: serve them from the file of the round that
+        # stays listed, not from one retention has deleted.
+        for sha, path in wanted.items():
+            if self._served.get(sha) != path:
+                self.blobs.store.put_file(path, kind=CHECKPOINT, sha=sha)
+        self._served = wanted
         latest = store.latest()
         publish_signed(self.dht, checkpoints_key(self.run), {
             "latest": latest.round if latest else None, "checkpoints": [c.record() for c in saved[:LISTED_IN_DHT]],

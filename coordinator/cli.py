@@ -12,7 +12,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 from lte.cliargs import OneLineParser, directory_to_create, file_in_existing_directory, int_in, ip_address, \
-    port_free, seconds, tcp_port
+    port_free, positive_number, seconds, tcp_port
 from lte.config import load_spec
 from lte.errors import ConfigError
 from lte.net import NetworkError
@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--host", type=ip_address, default="127.0.0.1",
                    help="address to listen on (0.0.0.0 for a public run)")
     s.add_argument("--port", type=tcp_port, default=0, help="DHT/libp2p TCP port (0: any free port)")
+    s.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MULTIADDR",
+                   help="the addresses peers reach this host at, when they differ from --host (a cloud VM's public "
+                        "address behind port forwarding, e.g. /ip4/203.0.113.7/tcp/31337); the join line shows the first")
+    s.add_argument("--upnp", action="store_true",
+                   help="let p2pd ask the home router for a port mapping (UPnP/NAT-PMP; off by default: its discovery multicasts to the local network)")
     s.add_argument("--http-port", type=tcp_port, help="serve /status.json and /metrics on this port (0: any free)")
     s.add_argument("--identity", type=Path, help="RSA key file that signs the run's records (created if missing)")
     s.add_argument("--round-seconds", type=seconds, default=4.0, help="time between round closes")
@@ -45,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="merge a round only when at least this many peers join")
     s.add_argument("--allow-peers", type=Path,
                    help="a closed run: file of the peer ids (one per line) whose contributions are merged")
+    s.add_argument("--score-size", type=int_in(0),
+                   help="examples in the private scoring set that every contribution is scored on (default 256; "
+                        "0: no scoring, only the format and norm checks)")
+    s.add_argument("--shard-mib", type=positive_number, default=16.0,
+                   help="size of the training data shards peers download, in MiB (default 16; image folder and "
+                        "CIFAR-10 runs: peers fetch the data from the run)")
     s.add_argument("--json", action="store_true", help="print one JSON object per round")
     return ap.parse_args(argv)
 
@@ -65,17 +76,22 @@ def main(argv: list[str] | None = None) -> int:
             allow = load_allowlist(args.allow_peers)
         port_free(args.host, args.port, "--port")
         port_free(args.host, args.http_port, "--http-port")
-        from lte.net.node import prepare_process
+        from lte.net.node import check_node_inputs, prepare_process
+        announce = check_node_inputs((), args.announce_maddrs)[1]
         prepare_process()
         from coordinator.http import StatusServer
         from coordinator.service import Coordinator, CoordinatorOptions
 
         opts = CoordinatorOptions(checkpoint_dir=args.checkpoint_dir, host=args.host, port=args.port,
+                                  announce_maddrs=tuple(announce), upnp=args.upnp,
                                   http_port=args.http_port, identity=args.identity, round_seconds=args.round_seconds,
                                   fetch_timeout=args.fetch_timeout, eval_every=args.eval_every,
                                   checkpoint_every=args.checkpoint_every, wire=args.wire, max_rounds=args.max_rounds,
                                   min_peers=args.min_peers, paths=args.paths, keep_last=args.keep_last,
-                                  keep_every=args.keep_every, allow=allow)
+                                  keep_every=args.keep_every, allow=allow,
+                                  shard_bytes=max(1, int(args.shard_mib * 2**20)))
+        if args.score_size is not None:
+            opts.score_size = args.score_size
         coord = Coordinator(spec, opts)
         if args.http_port is not None:
             from coordinator.metrics import coordinator_registry

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coordinator up at {join}; starting {args.peers} peers (logs in {logs})", flush=True)
         for i in range(args.peers):
             procs.append(_spawn([exe, "-m", "peer.cli", "join", "--dht", join, "--shard", f"{i}/{args.peers}",
+                                 "--host", "127.0.0.1",  # one machine: loopback, as the coordinator
                                  "--name", f"peer{i}", "--threads", "1", "--device", args.device, "--no-progress",
                                  "--json"],
                                 f"peer{i}", events, logs / f"peer{i}.log"))

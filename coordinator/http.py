@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from lte.net.http import QuietHTTPServer
 
 from coordinator.checkpoints import CheckpointStore
 from coordinator.page import status_page
@@ -57,7 +59,7 @@ class StatusServer:
                 pass
 
         try:
-            self.httpd = ThreadingHTTPServer((host, port), Handler)
+            self.httpd = QuietHTTPServer((host, port), Handler)
         except OSError as err:
             raise OSError(f"cannot serve HTTP on {host}:{port}: {err.strerror}") from None
         self.httpd.daemon_threads = True

@@ -112,7 +112,7 @@ class CheckpointMeta(BaseModel):
     arch: str  # timm.create_model(arch, pretrained=False, **kwargs)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
-    peers: dict[str, dict[str, int]] = Field(default_factory=dict)  # whole-run totals, for a resumed coordinator
+    peers: dict[str, dict[str, int | float | None]] = Field(default_factory=dict)  # run totals, scores: for a resume
     history: list[dict[str, Any]] = Field(default_factory=list)  # the last round summaries, for the status page
     owner: str = ""  # the coordinator's owner tag "[owner:ssh-rsa ...]"
     signature: str = ""  # base64 RSA-PSS/SHA-256 over canonical_bytes(meta)

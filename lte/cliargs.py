@@ -52,6 +52,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a positive, finite number (a size, a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def ip_address(text: str) -> str:
     """An argparse type: an IPv4 or IPv6 address to listen on (libp2p listens on addresses, not host names)."""
     try:

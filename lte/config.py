@@ -45,6 +45,29 @@ class LTESpec(_Strict):
     # whose output size is smaller than the rank.
     dense_modules: list[str] = Field(default_factory=lambda: ["head"])
     a_init: Literal["sqrt_in_over_r", "sqrt_r_over_in", "unit"] = "sqrt_in_over_r"
+    # Pipelined rounds (design notes §5): steps a head trains between its snapshot and the application of the merge
+    # of that snapshot; 0 is synchronous LTE. On the network it is the steps a peer trains while its round is in
+    # flight; the simulator uses it to measure what that costs.
+    merge_delay: int = Field(0, ge=0)
+    # The samples a full round brings (0: none). Merge weights are n_n / max(sum n, round_samples), so a round with
+    # fewer members than usual moves the base by that fraction of its update instead of applying its few heads'
+    # whole update (design notes §5; docs/benchmarks.md "Rounds with few members").
+    round_samples: int = Field(0, ge=0)
+    # The outer step on each round's merged update (design notes §6): m <- outer_momentum m + U, and the base moves by
+    # outer_lr (U + outer_momentum m) (Nesterov, as DiLoCo's outer step). 1 and 0 are plain LTE, bit for bit.
+    outer_lr: float = Field(1.0, gt=0)
+    outer_momentum: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_merge_in_flight(self) -> "LTESpec":
+        # A snapshot must be taken against the base the previous merge produced (one base version per round).
+        if self.merge_delay > self.merge_every:
+            raise ValueError(f"merge_delay={self.merge_delay} is larger than merge_every={self.merge_every}: at most "
+                             "one merge can be in flight, so its snapshot must come at most merge_every steps earlier")
+        if self.merge_delay and self.reset:
+            raise ValueError("merge_delay > 0 needs the reset-less rule (reset: false): a reset would erase the "
+                             "progress made while the merge is in flight")
+        return self
 
     @property
     def scale(self) -> float:
@@ -83,9 +106,22 @@ class RunSpec(_Strict):
         return self
 
     def spec_hash(self) -> str:
-        """A stable hash of everything that must agree between participants of one run."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of everything that must agree between participants of one run.
+
+        Fields added after runs were published are left out while they hold their default, so a spec that does not
+        use them hashes as before and existing checkpoints and running coordinators stay valid.
+        """
+        data = self.model_dump(mode="json")
+        for (section, name), default in _HASHED_ONLY_IF_SET.items():
+            if data[section][name] == default:
+                del data[section][name]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+# (section, field) -> the default value at which `RunSpec.spec_hash` leaves the field out.
+_HASHED_ONLY_IF_SET: dict[tuple[str, str], Any] = {("lte", "merge_delay"): 0, ("lte", "round_samples"): 0,
+                                                   ("lte", "outer_lr"): 1.0, ("lte", "outer_momentum"): 0.0}
 
 
 def _first_error(err: ValidationError) -> str:

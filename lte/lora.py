@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping, Sequence, get_args
 
 import torch
@@ -20,7 +21,7 @@ from torch.func import functional_call, vmap
 
 from lte.config import LTESpec
 from lte.errors import ConfigError
-from lte.merge import Factors, HeadContribution, MergeUpdate, apply_update, merge_contributions
+from lte.merge import Factors, HeadContribution, MergeUpdate, apply_update, merge_contributions, outer_step
 
 
 BaseDType = Literal["fp32", "bf16", "int8"]
@@ -155,6 +156,27 @@ class LoRALinear(nn.Module):
             self.folded.copy_(self.dense_weight() - self.scale * torch.bmm(self.v_B, self.v_A))
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One head's contribution frozen at the end of its round, so that the head can go on training while the round
+    is in flight (pipelined rounds, design notes §5) and the commit still accounts for exactly these values.
+
+    `factors` are (A, B) per converted layer as the base will account for them: the live factors in the simulator,
+    the decoded wire bytes on a network peer (replace them with `dataclasses.replace`). `prev_factors` is V at the
+    snapshot, which no training changes; `replicas` are the head's replica values, likewise as sent.
+    """
+
+    head_id: str
+    samples: float
+    factors: Mapping[str, Factors]
+    prev_factors: Mapping[str, Factors]
+    replicas: Mapping[str, Tensor]
+
+    def contribution(self) -> HeadContribution:
+        """What this snapshot brings to a merge: B A - V and the replica values, weighted by `samples`."""
+        return HeadContribution(self.head_id, self.samples, self.factors, self.replicas, self.prev_factors)
+
+
 def _turn_off_fused_attention(model: nn.Module) -> None:
     # vmap has no batching rule for the fused CPU attention kernel and falls back to a slow per-head loop;
     # timm's explicit attention path is the same math and batches well.
@@ -197,6 +219,16 @@ class LTEModel(nn.Module):
             f"{name}.{b}" for name, layer in self.layers.items() for b in ("v_A", "v_B", "folded")
             if getattr(layer, b) is not None}
         self._merged_cache: dict[str, Tensor] | None = None
+        # The outer step's momentum (lte.outer_momentum; float64, keyed like the state dict), in host memory like the
+        # master: one model's worth, needed only at a merge.
+        self.momentum: dict[str, Tensor] = {}
+        # The base's replica values. Synchronous LTE could read them off any head right after a merge; with pipelined
+        # rounds every head has moved on by then, and a head left out of a commit keeps its offset from these.
+        # Non-persistent buffers: they follow `.to(device)` and stay out of state_dict().
+        self._base_replica_keys: dict[str, str] = {}
+        for n, p in self.replica_parameters():
+            self._base_replica_keys[n] = "base_replica__" + n.replace(".", "__")
+            self.register_buffer(self._base_replica_keys[n], p[0].detach().clone(), persistent=False)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 for h, hid in enumerate(self.head_ids):
@@ -286,6 +318,26 @@ class LTEModel(nn.Module):
         samples = samples or [1.0] * self.heads
         return [self.head_contribution(h, s) for h, s in enumerate(samples)]
 
+    @torch.no_grad()
+    def snapshot(self, h: int, samples: float = 1.0) -> Snapshot:
+        """Head h's contribution as it stands now, as copies: training on afterwards does not change it."""
+        if self.spec.reset:
+            # Reset zeroes B at a merge, which would also erase the progress made since the snapshot.
+            raise ValueError("pipelined rounds need the reset-less rule (lte.reset: false)")
+        return Snapshot(
+            self.head_ids[h], samples,
+            {n: (l.lora_A[h].clone(), l.lora_B[h].clone()) for n, l in self.layers.items()},
+            {n: (l.v_A[h].clone(), l.v_B[h].clone()) for n, l in self.layers.items()},
+            {n: p[h].detach().clone() for n, p in self.replica_parameters()})
+
+    def snapshots(self, samples: Sequence[float] | None = None) -> list[Snapshot]:
+        samples = samples or [1.0] * self.heads
+        return [self.snapshot(h, s) for h, s in enumerate(samples)]
+
+    def base_replicas(self) -> dict[str, Tensor]:
+        """The base's replica values (the last loaded or merged ones), whatever the heads have trained since."""
+        return {n: getattr(self, k) for n, k in self._base_replica_keys.items()}
+
     def _base_weights(self) -> dict[str, Tensor]:
         """The authoritative frozen weights (`<layer>.weight`): the host master when the device copy is low-precision."""
         if self.master is not None:
@@ -312,7 +364,9 @@ class LTEModel(nn.Module):
         if samples is None and self._merged_cache is not None:
             return self._merged_cache
         state = self.base_state_dict()
-        apply_update(state, merge_contributions(self.contributions(samples), self.scale))
+        update = merge_contributions(self.contributions(samples), self.scale)
+        # as the merge would be applied, without moving the momentum
+        apply_update(state, self._outer(update, dict(self.momentum)))
         if self.master is not None:  # the master's weights are in host memory; eval runs on the training device
             device = next(iter(self.layers.values())).weight.device
             state = {k: v.to(device) for k, v in state.items()}
@@ -328,26 +382,60 @@ class LTEModel(nn.Module):
         return update
 
     @torch.no_grad()
-    def apply_merge(self, update: MergeUpdate, sent: Mapping[str, Factors] | None = None) -> None:
-        """Apply a merged update and move every head to its post-merge state (V <- B A, or reset B and V).
+    def merge_snapshots(self, snapshots: Sequence[Snapshot], denominator: float = 0.0) -> MergeUpdate:
+        """Merge the heads of `snapshots` into the base and keep every head's progress since (pipelined rounds).
+
+        Heads without a snapshot here are left out of the merge: see `load_base`. `denominator`: the fixed one of
+        the merge weights (`lte.round_samples`, lte/merge.py).
+        """
+        update = merge_contributions([s.contribution() for s in snapshots], self.scale, denominator,
+                                     self.base_replicas())
+        self.apply_merge(update, snapshots=snapshots)
+        return update
+
+    @torch.no_grad()
+    def apply_merge(self, update: MergeUpdate, sent: Mapping[str, Factors] | None = None,
+                    snapshots: Sequence[Snapshot] | None = None) -> None:
+        """Apply a merged update and move every head to its post-merge state (`load_base` says which).
 
         `sent` (single-head peers) are the factors as they went over the wire, which is what the base now
         accounts for; with fp16 on the wire they differ slightly from the live factors.
         """
         state = self._base_weights()
-        state.update({n: p[0] for n, p in self.replica_parameters()})
-        apply_update(state, update)
-        self.load_base(state, sent)
+        state.update(self.base_replicas())
+        apply_update(state, self._outer(update, self.momentum))
+        self.load_base(state, sent, snapshots)
+
+    def _outer(self, update: MergeUpdate, momentum: dict[str, Tensor]) -> MergeUpdate:
+        """`update` through the run's outer step (lte/merge.py `outer_step`; itself when there is none)."""
+        return outer_step(update, momentum, self.base_replicas(), self.spec.outer_lr, self.spec.outer_momentum)
 
     @torch.no_grad()
-    def load_base(self, state: Mapping[str, Tensor], sent: Mapping[str, Factors] | None = None) -> None:
-        """Set the base (weights and replicas) from a state dict and drop every head's unmerged progress.
+    def load_base(self, state: Mapping[str, Tensor], sent: Mapping[str, Factors] | None = None,
+                  snapshots: Sequence[Snapshot] | None = None) -> None:
+        """Set the base (weights and replicas) from a state dict, and set what each head has left to contribute.
 
-        V <- B A makes each head's pending delta zero while keeping A, B and the optimizer state, which the paper
-        found better than resetting them. A peer that resyncs after missing a round uses this too.
+        `snapshots` None (synchronous LTE, or a resync): every head's unmerged progress is dropped. V <- B A (or
+        V <- `sent`, the factors a single-head peer sent) makes each head's pending delta zero while keeping A, B and
+        the optimizer state, which the paper found better than resetting them; replicas <- the base's.
+
+        `snapshots` given, even empty (pipelined rounds, design notes §5): every head keeps exactly the progress it
+        has not contributed yet, so nothing it learned while the round was in flight is lost or counted twice.
+        - A head with a snapshot here was merged from it: V <- the snapshot's factors, and each replica <- new base
+          value + (live value - snapshot value). Its effective weights W + s(B A - V) and replicas are the new base
+          plus exactly its progress since the snapshot, which goes into its next contribution.
+        - A head without one was left out: V stays, and each replica <- new base value + (live value - old base
+          value). Its next contribution B A - V then carries both rounds' progress (its samples should too).
+        Both hold only if every snapshot merged was taken against the base being replaced here (one base version
+        per round: apply commit k before taking snapshot k+1).
         """
         if sent is not None and self.heads != 1:
             raise ValueError("`sent` factors are for single-head peers")
+        if snapshots is not None and (sent is not None or self.spec.reset):
+            raise ValueError("pipelined bookkeeping takes the sent factors from the snapshots, and needs lte.reset: false")
+        merged = {s.head_id: s for s in snapshots or ()}
+        if unknown := set(merged) - set(self.head_ids):
+            raise ValueError(f"snapshots of heads this model does not hold: {sorted(unknown)}")
         for n, layer in self.layers.items():
             w = state[f"{n}.weight"]
             if self.master is not None:  # merges apply to the master; the device copy is always derived from it
@@ -358,6 +446,11 @@ class LTEModel(nn.Module):
                 layer.lora_B.zero_()
                 layer.v_A.zero_()
                 layer.v_B.zero_()
+            elif snapshots is not None:
+                for h, hid in enumerate(self.head_ids):
+                    if hid in merged:  # a left-out head keeps its V: its delta still holds the unmerged round
+                        layer.v_A[h].copy_(merged[hid].factors[n][0])
+                        layer.v_B[h].copy_(merged[hid].factors[n][1])
             elif sent is not None:
                 layer.v_A[0].copy_(sent[n][0])
                 layer.v_B[0].copy_(sent[n][1])
@@ -366,7 +459,14 @@ class LTEModel(nn.Module):
                 layer.v_B.copy_(layer.lora_B)
             layer.refold()
         for n, p in self.replica_parameters():
-            p.copy_(state[n].unsqueeze(0).expand_as(p))
+            new, old = state[n].to(p.device, p.dtype), self.base_replicas()[n]
+            if snapshots is None:
+                p.copy_(new.unsqueeze(0).expand_as(p))
+            else:
+                for h, hid in enumerate(self.head_ids):
+                    ref = merged[hid].replicas[n].to(p.device, p.dtype) if hid in merged else old
+                    p[h].copy_(new + (p[h] - ref))
+            old.copy_(new)
         self._merged_cache = None
 
 

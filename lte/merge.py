@@ -3,7 +3,11 @@
 Reset-less rule (design notes §1): for every converted layer
     W <- W + s * sum_n w_n (B_n A_n - V_n),   V_n = B_n' A_n' (the head's factors at its last merge),
 and every replica parameter (norms, biases, embeddings, dense modules) becomes the weighted mean of the heads'
-copies. w_n are sample counts normalised to sum to one.
+copies. w_n are sample counts normalised to sum to one, or, with a fixed denominator D (`lte.round_samples`, the
+samples a full round brings), w_n = n_n / max(sum n, D): a round that brings fewer samples than a full one moves
+the base by that fraction of its update, and replicas by the same fraction towards the members' mean,
+R <- R + sum_n w_n (R_n - R), so that a round merged from one member out of four does not apply that head's whole
+update (design notes §5).
 
 Determinism is the point of this module: contributions are sorted by head id and everything is summed in float64
 before one cast back to the base dtype, so every participant that merges the same bytes gets the same base bit for
@@ -58,22 +62,31 @@ def head_delta(c: HeadContribution, layer: str) -> Tensor:
     return d
 
 
-def normalized_weights(samples: Sequence[float]) -> list[float]:
+def normalized_weights(samples: Sequence[float], denominator: float = 0.0) -> list[float]:
+    """n_n / max(sum n, denominator): they sum to one unless the round brought fewer samples than `denominator`."""
     total = float(sum(float(s) for s in samples))
     if total <= 0:
         raise ValueError("a merge needs at least one contribution with samples > 0")
+    total = max(total, float(denominator))
     return [float(s) / total for s in samples]
 
 
-def merge_contributions(contributions: Sequence[HeadContribution], scale: float) -> MergeUpdate:
-    """Combine heads into one update. The result depends only on the set of contributions, not their order."""
+def merge_contributions(contributions: Sequence[HeadContribution], scale: float, denominator: float = 0.0,
+                        base_replicas: Mapping[str, Tensor] | None = None) -> MergeUpdate:
+    """Combine heads into one update. The result depends only on the set of contributions, not their order.
+
+    `denominator` (0: none) is the fixed denominator of the weights; a round whose samples fall short of it needs
+    `base_replicas`, the values its replicas move from. A round that reaches it merges exactly as without one."""
     if not contributions:
         raise ValueError("nothing to merge")
     ids = [c.head_id for c in contributions]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate head ids in merge: {sorted(ids)}")
     ordered = sorted(contributions, key=lambda c: c.head_id)
-    weights = normalized_weights([c.samples for c in ordered])
+    weights = normalized_weights([c.samples for c in ordered], denominator)
+    short = sum(float(c.samples) for c in ordered) < denominator
+    if short and base_replicas is None:
+        raise ValueError("a round short of the fixed denominator needs the base replicas it moves from")
     layers = sorted(set(ordered[0].factors) | set(ordered[0].deltas))
     deltas: dict[str, Tensor] = {}
     for layer in layers:
@@ -84,12 +97,40 @@ def merge_contributions(contributions: Sequence[HeadContribution], scale: float)
         deltas[layer] = scale * acc
     replicas: dict[str, Tensor] = {}
     for name in sorted(ordered[0].replicas):
+        base = base_replicas[name].to(torch.float64) if short else None
         acc = None
         for w, c in zip(weights, ordered):
-            term = w * c.replicas[name].to(torch.float64)
+            value = c.replicas[name].to(torch.float64)
+            term = w * (value - base) if short else w * value
             acc = term if acc is None else acc + term
-        replicas[name] = acc
+        replicas[name] = base + acc if short else acc
     return MergeUpdate(deltas=deltas, replicas=replicas, head_ids=[c.head_id for c in ordered], weights=weights)
+
+
+def outer_step(update: MergeUpdate, momentum: MutableMapping[str, Tensor], base_replicas: Mapping[str, Tensor],
+               lr: float, mu: float) -> MergeUpdate:
+    """The update after a Nesterov outer step (design notes §6): per state key, with U the merged update,
+    m <- mu m + U and the base moves by lr (U + mu m). `momentum` (float64, keyed like the state dict) is updated in
+    place; it is the run's state, like the base. lr = 1 and mu = 0 return `update` itself: plain LTE, bit for bit.
+
+    Why: a merged update taken every T steps is a pseudo-gradient step, and DiLoCo showed that Nesterov momentum on
+    it lets T grow to hundreds of steps; the same holds when the update is a sum of low-rank heads. Sorted keys and
+    float64 keep every participant's base and momentum bit for bit identical."""
+    if lr == 1.0 and mu == 0.0:
+        return update
+
+    def step(key: str, u: Tensor) -> Tensor:
+        m = momentum.get(key)
+        m = u.clone() if m is None else mu * m.to(u.device) + u
+        momentum[key] = m
+        return lr * (u + mu * m)
+
+    deltas = {layer: step(f"{layer}.weight", update.deltas[layer]) for layer in sorted(update.deltas)}
+    replicas = {}
+    for name in sorted(update.replicas):
+        base = base_replicas[name].to(torch.float64)
+        replicas[name] = base + step(name, update.replicas[name] - base)
+    return MergeUpdate(deltas=deltas, replicas=replicas, head_ids=update.head_ids, weights=update.weights)
 
 
 def apply_update(base: MutableMapping[str, Tensor], update: MergeUpdate) -> None:

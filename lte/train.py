@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import time
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from lte.config import RunSpec
 from lte.data import batches, eval_loader, load_datasets
-from lte.lora import BaseDType, LTEModel, head_seed, mhlora_model, prepare_model
+from lte.errors import ConfigError
+from lte.lora import BaseDType, LTEModel, Snapshot, head_seed, mhlora_model, prepare_model
 from lte.models import create_base_model
 
 Method = Literal["full", "lora", "mhlora", "lte", "diloco"]
@@ -144,8 +146,17 @@ def autocast(device: str):
 
 
 def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = True,
-          datasets: tuple[Dataset, Dataset] | None = None, base_dtype: BaseDType = "fp32") -> dict[str, Any]:
-    """Train `method` on `spec` and return the result record the simulator prints and saves."""
+          datasets: tuple[Dataset, Dataset] | None = None, base_dtype: BaseDType = "fp32",
+          participation: float = 1.0) -> dict[str, Any]:
+    """Train `method` on `spec` and return the result record the simulator prints and saves.
+
+    `participation` < 1 emulates a network where peers miss rounds: each round merges each head with that
+    probability (at least one head), and a head left out keeps its progress and its samples for its next round."""
+    pipelined = spec.lte.merge_delay or spec.lte.round_samples or participation < 1
+    if pipelined and method != "lte":  # pipelined rounds are LTE's bookkeeping (LTEModel.load_base)
+        raise ConfigError(f"lte.merge_delay, lte.round_samples and participation apply to method lte only, not {method}")
+    if not 0 < participation <= 1:
+        raise ConfigError(f"participation must be in (0, 1], not {participation}")
     torch.manual_seed(spec.seed)
     train_ds, test_ds = datasets or load_datasets(spec.data, spec.seed)
     model = build_model(spec, method, base_dtype).to(device)
@@ -153,14 +164,35 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
     stream: Iterable = batches(train_ds, spec.data.batch_size, spec.seed)
     heads = model.heads if isinstance(model, (LTEModel, DiLoCoModel)) else 1
+    T, delay = spec.lte.merge_every, spec.lte.merge_delay
+    in_flight: tuple[int, list[Snapshot]] | None = None  # (step at which it lands, the snapshots it merges)
+    pending = [0.0] * heads  # each head's samples since its last snapshot (what its next contribution weighs)
+    members = random.Random(f"participation-{spec.seed}")
     losses, evals, merges = [], [], 0
     t0 = time.perf_counter()
     bar = tqdm(range(spec.optim.steps), desc=method, disable=not progress, dynamic_ncols=True)
     for step in bar:
         loss = optimizer_step(model, opt, sched, next(stream), device)
-        if method in ("lte", "diloco") and (step + 1) % spec.lte.merge_every == 0:
-            model.merge()
-            merges += 1
+        # Pipelined rounds: the merge of round k's snapshots lands `delay` steps after them, and before round
+        # k+1's snapshot (delay <= T), so every round's snapshots share one base version.
+        pending = [n + spec.data.batch_size / heads for n in pending]
+        if in_flight is not None and step + 1 == in_flight[0]:
+            model.merge_snapshots(in_flight[1], spec.lte.round_samples)
+            in_flight, merges = None, merges + 1
+        if method in ("lte", "diloco") and (step + 1) % T == 0:
+            if pipelined:
+                chosen = [h for h in range(heads) if members.random() < participation] or [members.randrange(heads)]
+                snaps = [model.snapshot(h, pending[h]) for h in chosen]
+                for h in chosen:
+                    pending[h] = 0.0
+                if delay:
+                    in_flight = (step + 1 + delay, snaps)
+                else:
+                    model.merge_snapshots(snaps, spec.lte.round_samples)
+                    merges += 1
+            else:
+                model.merge()
+                merges += 1
         losses.append(loss / heads)
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.optim.steps:
             acc, tloss = evaluate(model, test_ds, device)
@@ -200,14 +232,17 @@ class HeadTrainer:
     """
 
     def __init__(self, spec: RunSpec, base_model: nn.Module, head_id: str, train_set: Dataset, batch_size: int,
-                 device: str = "cpu", base_dtype: BaseDType = "fp32"):
+                 device: str = "cpu", base_dtype: BaseDType = "fp32",
+                 stream: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`stream` replaces the batches drawn from `train_set` (a peer that trains on the run's shards, which it
+        fetches as it goes, passes their stream)."""
         self.spec, self.device, self.batch_size = spec, device, batch_size
         one = spec.lte.model_copy(update={"heads": 1})
         self.model = prepare_model(base_model, one, spec.seed, head_ids=[head_id], base_dtype=base_dtype).to(device)
         self.opt = torch.optim.AdamW(param_groups(self.model, spec, "lte"), betas=spec.optim.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(spec.optim.warmup_steps, spec.optim.steps))
-        self.stream = batches(train_set, batch_size, head_seed(spec.seed, head_id))
+        self.stream = stream if stream is not None else batches(train_set, batch_size, head_seed(spec.seed, head_id))
         self.steps = 0
 
     def train_steps(self, n: int, progress: bool = False, desc: str = "") -> tuple[int, float]:

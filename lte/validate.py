@@ -21,6 +21,8 @@ The checks, cheapest first:
 - the weight: claimed samples are capped at `SAMPLES_FACTOR` times the lower median of claims (same pool), so a
   peer cannot outweigh everyone by claiming a huge count; the capped value is what the commit records and every
   participant merges with.
+- what the update does to the loss: scored by the coordinator alone on its private scoring set (lte/score.py,
+  reason `score_outlier`); peers follow the commit's decision.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ HISTORY_ROUNDS = 8  # rounds of accepted norms and samples that join each round'
 
 # Every reason a contribution can be left out for (metric label values; see docs/reliability.md).
 REASONS = ("spec_mismatch", "stale_round", "no_samples", "fetch_failed", "blob_hash_mismatch", "blob_truncated",
-           "malformed", "wrong_dtype", "nonfinite", "norm_outlier", "unauthorized")
+           "malformed", "wrong_dtype", "nonfinite", "norm_outlier", "unauthorized", "score_outlier")
 
 
 class Rejected(ValueError):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lte.net.counters import TrafficCounter
+from lte.net.http import serve_metrics
 from lte.net.metrics import RoundEvents, fetch_failure_reason, run_info, traffic_families
 
 # What a peer refuses: a merged base that differs from the committed hash (it then downloads the base), a fetched
@@ -114,7 +115,7 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server, self._thread = serve_metrics(registry, host, port)
         except OSError as err:
             raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
         self.port = self._server.server_port

@@ -14,17 +14,18 @@ from typing import Any, Callable
 
 import torch
 from hivemind.utils import get_dht_time
+from tqdm import tqdm
 
 import lte
 from lte.checkpoint import state_bytes, state_hash
 from lte.config import RunSpec, spec_from_dict
-from lte.data import load_datasets, shard
 from lte.errors import ConfigError
 from lte.merge import apply_update
 from lte.models import check_fits, create_base_model
 from lte.net import GroupNotFound, NetworkError
 from lte.net.access import unlisted
 from lte.net.blobs import BlobService
+from lte.net.node import announceable
 from lte.net.membership import Membership
 from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
 from lte.net.records import owner_bound_to, publish, publish_base_hash, read_signed, read_signed_all
@@ -38,6 +39,7 @@ from lte.train import HeadTrainer
 from lte.validate import Rejected, update_norm
 from lte.wire import Layout, pack_factors, pack_replicas
 
+from peer.training_data import training_data
 from peer.metrics import PeerMetrics
 
 
@@ -56,9 +58,10 @@ class PeerOptions:
     dht: str
     dataset: str | None = None
     data: str | None = None
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] | None = None  # of --data or built-in data; None: 0/1 (the run's shards need none)
+    cache_dir: str | None = None  # where the run's shards are kept; None: peer.shards.default_cache_dir()
     batch_size: int | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # the CLI resolves `auto`
     base_dtype: str = "fp32"  # the frozen base on the device: fp32, bf16 or int8 (an fp32 master stays in host memory)
     name: str | None = None
     max_rounds: int | None = None
@@ -67,6 +70,7 @@ class PeerOptions:
     identity: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    upnp: bool = False
     progress: bool = True
     join_timeout: float = 30.0
 
@@ -96,7 +100,8 @@ class Peer:
         self.dht = self.blobs = self.members = None
         try:
             self.dht = start_dht([opts.dht], host=opts.host, port=opts.port, client_mode=opts.client_mode,
-                                 announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity)
+                                 announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity,
+                                 upnp=opts.upnp)
             self.peer_id = self.dht.peer_id.to_base58()
             self.coordinator = opts.dht.rsplit("/p2p/", 1)[-1]
             self.owner, record = find_run(self.dht, self.coordinator, opts.join_timeout)
@@ -107,25 +112,27 @@ class Peer:
             self.wire = record.get("wire", "raw")
             self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
-            self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
+            self.blobs = self._blob_service()
+            self.maddrs: list[str] = [] if opts.client_mode else announceable(visible_maddrs(self.dht), opts.dht)
             self.client_mode = opts.client_mode or self._switch_to_client_mode_if_unreachable()
             self.members = Membership(self.dht, prefix=run_prefix(self.run), client_mode=self.client_mode)
-            train_set = load_datasets(self._data_spec(), self.spec.seed)[0]
-            idx, count = opts.shard
             batch = opts.batch_size or self.spec.data.batch_size // self.spec.lte.heads
+            # the run's shards (fetched, cached, served: peer/training_data.py), or --data / built-in data
+            train_set, stream, what = training_data(self, record, batch)
             base = create_base_model(self.spec.model)
-            check_fits(base, train_set, f"this peer's data ({self._data_spec().dataset})")
-            self.trainer = HeadTrainer(self.spec, base, self.peer_id,
-                                       shard(train_set, idx, count, self.spec.seed), batch, opts.device,
-                                       opts.base_dtype)
+            check_fits(base, train_set, what)
+            self.trainer = HeadTrainer(self.spec, base, self.peer_id, train_set, batch, opts.device,
+                                       opts.base_dtype, stream=stream)
             self.layout = Layout.of(self.trainer.model)
             self.metrics.joined(self.run, self.spec.spec_hash(), lambda: self.blobs.traffic if self.blobs else None)
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
+            # the rest of a round's cycle on this peer: fetching and merging a commit, uploading our blobs (client mode)
+            self.apply_seconds = self.push_seconds = 0.0
             self.serving: tuple[str, ...] = ()  # blobs of the checkpoint we serve (model file, meta.json)
             self.recent_bases: dict[int, bytes] = {}  # serialized bases of the last two merged rounds
             self.resync()
-            self.log({"event": "joined", "round": self.round, "peer_id": self.peer_id,
-                      "maddrs": [] if self.client_mode else visible_maddrs(self.dht)})
+            self.log({"event": "joined", "round": self.round, "peer_id": self.peer_id, "maddrs": self.maddrs,
+                      "device": opts.device})
         except BaseException:
             self.close()  # a half-started node must not leave DHT or p2pd processes behind
             raise
@@ -152,23 +159,30 @@ class Peer:
         """Detect NAT: ask the coordinator to open a new connection to the addresses we announce. If none opens,
         nobody could fetch our blobs, so restart the node in client mode (we push them to the coordinator instead).
         Returns whether we are now in client mode."""
-        addrs = visible_maddrs(self.dht)
+        addrs = announceable(visible_maddrs(self.dht), self.opts.dht)
         try:
             reachable = self.blobs.dial_back(self.coordinator, addrs)
         except NetworkError as err:  # cannot tell: stay a server, as asked
             self.log({"event": "reachability_unknown", "error": str(err)})
             return False
         if reachable:
+            self.maddrs = reachable  # what members dial us at: only the addresses that worked
             return False
         self.log({"event": "client_mode_detected", "unreachable": addrs})
         shutdown_node(self.blobs, dht=self.dht)
         self.dht = self.blobs = None
         self.dht = start_dht([self.opts.dht], host=self.opts.host, port=0, client_mode=True,
-                             identity_path=self.opts.identity)
+                             identity_path=self.opts.identity, upnp=self.opts.upnp)
         self.peer_id = self.dht.peer_id.to_base58()  # a new one unless --identity keeps it
         self._check_allowed()
-        self.blobs = BlobService(self.dht, namespace=run_prefix(self.run))
+        self.blobs = self._blob_service()
+        self.maddrs = []
         return True
+
+    def _blob_service(self) -> BlobService:
+        blobs = BlobService(self.dht, namespace=run_prefix(self.run))
+        blobs.learn_addresses({self.coordinator: [self.opts.dht]})  # dialled where we were told it listens
+        return blobs
 
     def _data_spec(self):
         upd: dict[str, Any] = {}
@@ -193,7 +207,15 @@ class Peer:
         """Download the current base from the coordinator; unmerged progress is dropped."""
         reconnect(self.dht, self.opts.dht)  # out of step: the coordinator may have restarted, make sure we see it
         rec = self._base_record()
-        tensors = self.blobs.fetch(self.coordinator, rec["blob"], kind=BASE, timeout=max(60.0, self.fetch_timeout))
+        # A whole base: 85 MB for ViT-S, minutes on a slow home link and longer when peers join together. It may take
+        # as long as it needs while bytes keep coming (three ViT-S peers joining over 20 Mbit/s missed a 60-s deadline).
+        with tqdm(desc="base", unit="B", unit_scale=True, disable=not self.opts.progress, leave=False) as bar:
+            def progress(n: int, total: int) -> None:
+                bar.total = total
+                bar.update(n)
+
+            tensors = self.blobs.fetch(self.coordinator, rec["blob"], kind=BASE, stall_timeout=self.fetch_timeout,
+                                       progress=progress)
         state = base_from_tensors(self.trainer.model.state_keys, tensors)
         if state_hash(state) != rec["hash"]:
             raise NetworkError("downloaded base does not match the coordinator's signed hash")
@@ -249,7 +271,6 @@ class Peer:
         if self.coordinator not in gathered:
             # No round happened for us. If the base has not moved on, keep the progress and try again after more
             # local steps (the samples count grows, so the merge weights it fairly); otherwise catch up.
-            reconnect(self.dht, self.opts.dht)  # the coordinator may have restarted: find it again
             self._resync_unless_holding(k)
             return False
         self._phase("fetch", k, members=len(gathered) - 1)  # a member now: the coordinator fetches our blobs
@@ -258,7 +279,6 @@ class Peer:
             # The coordinator died or restarted mid-round. While the base record still names the base we hold, keep
             # the progress and train on, as when no group formed; a resync would drop it, and with the coordinator
             # down its download blocks for a minute instead of training.
-            reconnect(self.dht, self.opts.dht)
             self._resync_unless_holding(k)
             return False
         self._phase("merge", k, member=self.peer_id in commit["members"])
@@ -266,7 +286,13 @@ class Peer:
 
     def _resync_unless_holding(self, k: int) -> None:
         """After a round that gave us no commit: keep our base and progress while the base record still names the
-        base we hold (round k, same hash); download the current one only when the run has moved on."""
+        base we hold (round k, same hash); download the current one only when the run has moved on.
+
+        Dials the coordinator first: no commit is what being cut off looks like, and hivemind's DHT forgets every
+        node that did not answer once, after which it reads only its own stale copies of the records (a peer whose
+        link was down for 30 s followed a round that had long closed, again and again, and never learnt of newer
+        ones)."""
+        reconnect(self.dht, self.opts.dht)
         rec = self._base_record()
         if int(rec["round"]) != k or rec["hash"] != self.base_hash:
             self.resync()
@@ -277,13 +303,22 @@ class Peer:
         f_sha = self._put_own_factors(k)
         r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
         if self.client_mode:  # nobody can reach us: the coordinator serves our blobs
+            t0 = time.perf_counter()
             shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
             if self.prev_sha:
                 shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
             for sha in shas:
                 self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
+            self.push_seconds = time.perf_counter() - t0
         return Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=sum(self.losses) / max(1, len(self.losses)),
-                      t=self.train_seconds, spec=self.spec.spec_hash(), client=self.client_mode, k=k)
+                      t=self.cycle_seconds(), spec=self.spec.spec_hash(), client=self.client_mode, k=k,
+                      a=tuple(self.maddrs))
+
+    def cycle_seconds(self) -> float:
+        """How long this peer needs from a commit to its next announcement: merge the commit, train T steps, upload
+        (client mode). The coordinator sizes round windows from it: a window that counted the training alone left
+        peers on slow links following rounds instead of training (seen in the network lab at 20 Mbit/s)."""
+        return self.apply_seconds + self.train_seconds + self.push_seconds
 
     def _open_round(self) -> dict[str, Any] | None:
         """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
@@ -292,7 +327,7 @@ class Peer:
             raise RunFinished()
         # Announce our training time before anything else: a peer that keeps arriving after its round closed
         # (a late joiner, a slow machine) is exactly the one the coordinator must widen the window for.
-        publish(self.dht, alive_key(self.run), {"t": self.train_seconds}, ttl=60, subkey=self.peer_id)
+        publish(self.dht, alive_key(self.run), {"t": self.cycle_seconds()}, ttl=60, subkey=self.peer_id, wait=False)
         if int(rec["round"]) != self.round:
             self.resync()
             return None
@@ -335,6 +370,7 @@ class Peer:
         rec = self._open_round()
         if rec is None:
             return False
+        self._phase("follow", k)
         close = float(rec["close"])
         commit = self._wait_commit(k, close - get_dht_time())
         if commit is None:  # no round formed: train for the next window (as in join_round)
@@ -344,15 +380,18 @@ class Peer:
         return self._apply_commit(k, commit, None, None, close)
 
     def _phase(self, phase: str, round_id: int, **detail: Any) -> None:
-        """Say which part of a round starts now (train, agree, fetch, merge): what an operator reads to see where a
+        """Say which part of a round starts now (train, agree, fetch, merge; follow: waiting for a commit to merge
+        without having trained): what an operator reads to see where a
         peer hangs, and what fault tests time their signals by."""
         self.log({"event": "phase", "phase": phase, "round": round_id, **detail})
 
     def _behind_schedule(self) -> bool:
-        """True right after a resync when our last T steps took longer than what is left of the round's window."""
+        """True when we hold no unmerged steps (just resynced or merged) and T steps plus our upload would end after
+        the current round's window closes: joining it would throw the steps away."""
         if self.samples or not self.train_seconds:
             return False
-        return float(self._base_record()["close"]) - get_dht_time() < 1.1 * self.train_seconds
+        needed = self.train_seconds + self.push_seconds
+        return float(self._base_record()["close"]) - get_dht_time() < 1.1 * needed
 
     def _apply_commit(self, k: int, commit: dict[str, Any], f_sha: str | None, mean_loss: float | None,
                       close: float) -> bool:
@@ -389,7 +428,7 @@ class Peer:
             self.log({"event": "hash_mismatch", "round": k + 1, "ours": h, "committed": commit["hash"]})
             self.resync()
             return False
-        publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h)
+        publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h, wait=False)
         received = {kind: v - before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
         rejected = commit.get("rejected", {}).get(self.peer_id)
         if rejected and f_sha is not None:
@@ -400,6 +439,7 @@ class Peer:
                   "loss": mean_loss, "base_hash": h, "bytes_received": received,
                   "bytes_sent_total": dict(self.blobs.traffic.sent)})
         self.blobs.store.drop_rounds_before(k - 1)
+        self.apply_seconds = time.perf_counter() - t_merge
         return True
 
     def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str | None,
@@ -422,18 +462,20 @@ class Peer:
         # A non-member merges the dense-path layers from factors too, but as the float32 deltas the coordinator and
         # the members merged them from: float64 products straight from the factors would differ in the last bits.
         contributions = [as_dense(c, [l for l in round_dense if l not in dense]) for c in contributions]
-        apply_update(state, merge_contributions(contributions, self.spec.lte.scale))
+        # lte.round_samples: the fixed denominator of the weights, as the coordinator merges (lte/merge.py)
+        apply_update(state, merge_contributions(contributions, self.spec.lte.scale, self.spec.lte.round_samples, old))
         if dense:
             try:
                 own = local_factors(self.blobs, self.layout, f_sha)
                 prev = local_factors(self.blobs, self.layout, self.prev_sha) if self.prev_sha else None
                 state.update(dense_exchange(self.dht, self.blobs, self.run, k, self.peer_id, members, own, prev, old,
-                                            dense, self.spec.lte.scale, self.fetch_timeout))
+                                            dense, self.spec.lte.scale, self.fetch_timeout,
+                                            self.spec.lte.round_samples))
             except NetworkError as err:
                 self.log({"event": "dense_fallback", "round": k, "error": str(err)})
                 again = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout, [],
                                             dense, replicas=False)
-                apply_update(state, merge_contributions(again, self.spec.lte.scale))
+                apply_update(state, merge_contributions(again, self.spec.lte.scale, self.spec.lte.round_samples, old))
         return state
 
     def _run_finished(self) -> bool:

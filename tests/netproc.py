@@ -161,11 +161,20 @@ class Network:
         slow part of a start on a busy machine) and then waits; `release(proc, join)` runs `lte-peer join` in it.
         """
         args = ["join", "--dht", join or "{join}", "--shard", shard, "--threads", "1", "--no-progress", "--json",
-                "--name", name, *extra]
+                "--name", name, "--host", "127.0.0.1", *extra]
         if join is not None:
             return self.start(name, ["-m", "peer.cli", *args])
         go = self.workdir / f"{name}.go"
         proc = self.start(name, ["-c", _PRESTART, str(go), *args])
+        proc.go = go
+        return proc
+
+    def volunteer(self, name: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        """A pre-started (see `peer`) `lte-peer join --dht ADDR --json` with no other flag but `extra`: what a volunteer
+        types (JSON output aside). Give it a cache directory through XDG_CACHE_HOME in `env`."""
+        go = self.workdir / f"{name}.go"
+        proc = self.start(name, ["-c", _PRESTART, str(go), "join", "--dht", "{join}", "--json", *extra],
+                          env={"OMP_NUM_THREADS": "1", **(env or {})})
         proc.go = go
         return proc
 
@@ -418,3 +427,29 @@ class Observer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----- reading a run's events ----------------------------------------------------------------------------------
+def coordinator_id(join: str) -> str:
+    return join.rsplit("/p2p/", 1)[-1]
+
+
+def rounds_of(proc: Proc) -> dict[int, dict[str, Any]]:
+    return {e["round"]: e for e in proc.of("round")}
+
+
+def base_hashes(proc: Proc) -> list[tuple[int, str, str]]:
+    """(round, base hash, event) for every event that reports a base: merged rounds and resyncs."""
+    return [(e["round"], e["base_hash"], e["event"]) for e in proc.events if "base_hash" in e and "round" in e]
+
+
+def disagreements(coord: Proc, peers: list[Proc]) -> list[str]:
+    """Every reported base that differs from the coordinator's base of the same round, and every merge whose
+    result a peer found to differ from the committed hash (it then resyncs, which would hide the divergence)."""
+    truth = {r: e["base_hash"] for r, e in rounds_of(coord).items()}
+    bad = [f"{p.name}: {e}" for p in peers for e in p.of("hash_mismatch")]
+    for p in peers:
+        for r, h, kind in base_hashes(p):
+            if r in truth and h != truth[r]:
+                bad.append(f"{p.name} {kind} round {r}: {h[:12]} != coordinator {truth[r][:12]}")
+    return bad

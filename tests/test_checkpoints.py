@@ -143,6 +143,35 @@ def test_retention_keeps_the_last_k_every_m_th_and_latest(tiny_spec, tmp_path, k
         _store(tmp_path / "other", keep_last=0)
 
 
+def test_a_model_two_rounds_share_is_served_from_the_round_still_listed(tiny_spec, tmp_path, key_and_owner):
+    """A round that merged nobody leaves the base as it was: two checkpoints with one model blob. When retention
+    deletes the one the blob was first served from, it must be served from the other's file (it pointed at the
+    deleted file before)."""
+    from coordinator.checkpoints import CheckpointPublisher
+    from lte.net.blobs import BlobService
+    from lte.net.blobstore import FileBlob
+    from lte.net.node import shutdown_node, start_dht
+    from lte.net.records import default_validators
+
+    key, owner = key_and_owner
+    state = _model_state(tiny_spec, 0)
+    store = _store(tmp_path / "ck", keep_last=1, keep_every=2)
+    dht = start_dht(validators=default_validators(key))
+    try:
+        blobs = BlobService(dht, namespace="t")
+        publisher = CheckpointPublisher(dht, blobs, "t", owner)
+        for r in (1, 2, 3):  # rounds 1 and 2 hold the same model; round 1 goes when round 3 comes
+            store.save(state if r < 3 else _model_state(tiny_spec, 1), _fields(tiny_spec, state, r) if r < 3 else
+                       _fields(tiny_spec, _model_state(tiny_spec, 1), r), key, owner)
+            publisher.publish(store)
+        assert [c.round for c in store.saved()] == [3, 2]
+        served = blobs.store.get(store.saved()[1].model_blob)
+        assert isinstance(served, FileBlob) and served.path.exists(), served
+        assert served.path.read_bytes() == (store.saved()[1].path / MODEL_FILE).read_bytes()
+    finally:
+        shutdown_node(blobs, dht=dht)
+
+
 _SAVER = """
 import sys, torch
 from pathlib import Path

@@ -78,6 +78,7 @@ CONFIGS: dict[str, str | bytes] = {
     "dataset_unknown": _variant(("data.dataset", "mnist")),
     "model_unknown": _variant(("model.name", "vit_does_not_exist")),
     "model_wants_rgb": _renamed("in_chans: 1", "in_chans: 3"),  # the digits are grayscale
+    "outer_step": _variant(("lte.outer_momentum", 0.9)),  # the simulator's for now (issue 13)
 }
 
 
@@ -86,7 +87,7 @@ def _coord(config: str, *flags: str) -> list[str]:
 
 
 def _join(*flags: str, dht: str = NOBODY) -> list[str]:
-    return ["lte-peer", "join", "--dht", dht, "--no-progress", *flags]
+    return ["lte-peer", "join", "--dht", dht, "--no-progress", "--host", "127.0.0.1", *flags]
 
 
 def _download(*flags: str, dht: str = NOBODY) -> list[str]:
@@ -100,6 +101,7 @@ def _demo(*flags: str) -> list[str]:
 P = pytest.param
 CASES = [
     # ----- lte-coordinator start: the config file ----------------------------------------------------------
+    P(_coord("{cfg_ok}", "--shard-mib", "0"), "--shard-mib: 0 is not a positive number", id="coord-shard-size-0"),
     P(_coord("{missing}/run.yaml"), "lte-coordinator: error: config file {missing}/run.yaml does not exist",
       id="coord-config-missing"),
     P(_coord("{workdir}"), "lte-coordinator: error: config file {workdir} is not a file", id="coord-config-is-dir"),
@@ -129,6 +131,8 @@ CASES = [
     P(_coord("{cfg_run_empty}"), "run: String should have at least 1 character", id="coord-run-empty"),
     P(_coord("{cfg_dataset_unknown}"), "data.dataset: Input should be 'digits', 'imagefolder' or 'cifar10'",
       id="coord-dataset-unknown"),
+    P(_coord("{cfg_outer_step}"), "lte.outer_lr and lte.outer_momentum run in the simulator only so far",
+      id="coord-outer-step-not-on-the-network"),
     # ----- lte-coordinator start: flags and paths ---------------------------------------------------------
     P(["lte-coordinator"], "lte-coordinator: error: the following arguments are required: command", id="coord-no-cmd"),
     P(["lte-coordinator", "start", "--config", "{cfg_ok}"], "required: --checkpoint-dir", id="coord-no-ckdir"),
@@ -193,6 +197,10 @@ CASES = [
     P(_join("--dataset", "mnist"), "--dataset: invalid choice: 'mnist'", id="join-dataset-unknown"),
     P(_join("--device", "tpu"), "--device: invalid choice: 'tpu'", id="join-device-unknown"),
     P(_join("--data", "{missing}"), "lte-peer: error: --data {missing} does not exist", id="join-data-missing"),
+    P(_join("--cache-dir", "{a_file}/cache"), "lte-peer: error: --cache-dir {a_file}/cache: not a writable directory",
+      id="join-cache-dir-under-file"),
+    P(["lte-peer", "data", "--dht", NOBODY, "--cache-dir", "{a_file}"], "lte-peer: error: --cache-dir {a_file}: not "
+      "a writable directory", id="data-cache-dir-is-file"),
     P(_join("--identity", "{missing}/p.id"), "--identity {missing}/p.id: directory {missing} does not exist",
       id="join-identity-dir-missing"),
     P(_join("--identity", "{workdir}"), "--identity {workdir} is not a file", id="join-identity-is-dir"),
@@ -300,3 +308,17 @@ def test_tools_check_input_before_importing_torch_or_hivemind() -> None:
             "print(sorted(m for m in ('torch', 'timm', 'hivemind') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_join_needs_no_flag_but_the_address():
+    """`lte-peer join --dht ADDR` alone: every interface, the GPU if there is one, shards dealt by the run."""
+    from lte.net.node import announceable
+    from peer.cli import parse_args, resolve_device
+
+    args = parse_args(["join", "--dht", NOBODY])
+    assert (args.host, args.device, args.shard, args.cache_dir, args.upnp) == ("0.0.0.0", "auto", None, None, False)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    addrs = ["/ip4/127.0.0.1/tcp/5/p2p/x", "/ip4/192.0.2.7/tcp/5/p2p/x"]
+    assert announceable(addrs, "/ip4/198.51.100.1/tcp/9/p2p/c") == addrs[1:]  # loopback means nothing elsewhere
+    assert announceable(addrs, "/ip4/127.0.0.1/tcp/9/p2p/c") == addrs  # one machine: loopback is the way
+    assert announceable(addrs[:1], "/ip4/198.51.100.1/tcp/9/p2p/c") == addrs[:1]  # nothing better: keep it

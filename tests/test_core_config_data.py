@@ -1,5 +1,6 @@
 """Bad input gives one clear ConfigError; data splits and shards are deterministic."""
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -106,3 +107,15 @@ def test_imagefolder_of_real_files(tmp_path):
     assert (len(train), len(test)) == (16, 4)
     x, y = next(batches(train, 4, seed=0))
     assert x.shape == (4, 3, 8, 8) and set(y.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds_a_model_that_takes_its_images(path):
+    from lte.models import create_base_model
+
+    spec = load_spec(path)
+    kw = spec.model.kwargs
+    size = spec.data.image_size or kw.get("img_size")
+    x = torch.zeros(1, kw.get("in_chans", 3), size, size)
+    assert create_base_model(spec.model)(x).shape == (1, kw["num_classes"])
+    assert spec.data.batch_size % spec.lte.heads == 0

@@ -163,7 +163,7 @@ def test_metrics_of_a_live_run(tmp_path: Path) -> None:
 
 def _peer_exits_with(args: list[str], timeout: float = 120.0) -> tuple[int, str]:
     r = subprocess.run([sys.executable, "-m", "peer.cli", "join", "--dht", "/ip4/127.0.0.1/tcp/1/p2p/QmNotThere",
-                        "--no-progress", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                        "--no-progress", "--host", "127.0.0.1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return r.returncode, r.stderr.strip()
 
 

@@ -29,7 +29,8 @@ import psutil
 import pytest
 import torch
 
-from netproc import Network, Observer, Proc, new_identity, write_spec
+from netproc import (Network, Observer, Proc, base_hashes, coordinator_id, disagreements, new_identity, rounds_of,
+                     write_spec)
 
 # hivemind calls torch.jit.script when it is imported here (observer, identities); torch warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -55,31 +56,6 @@ def nothing_left_behind():
 
 
 # ----- helpers ----------------------------------------------------------------------------------------------
-def coordinator_id(join: str) -> str:
-    return join.rsplit("/p2p/", 1)[-1]
-
-
-def rounds_of(proc: Proc) -> dict[int, dict[str, Any]]:
-    return {e["round"]: e for e in proc.of("round")}
-
-
-def base_hashes(proc: Proc) -> list[tuple[int, str, str]]:
-    """(round, base hash, event) for every event that reports a base: merged rounds and resyncs."""
-    return [(e["round"], e["base_hash"], e["event"]) for e in proc.events if "base_hash" in e and "round" in e]
-
-
-def disagreements(coord: Proc, peers: list[Proc]) -> list[str]:
-    """Every reported base that differs from the coordinator's base of the same round, and every merge whose
-    result a peer found to differ from the committed hash (it then resyncs, which would hide the divergence)."""
-    truth = {r: e["base_hash"] for r, e in rounds_of(coord).items()}
-    bad = [f"{p.name}: {e}" for p in peers for e in p.of("hash_mismatch")]
-    for p in peers:
-        for r, h, kind in base_hashes(p):
-            if r in truth and h != truth[r]:
-                bad.append(f"{p.name} {kind} round {r}: {h[:12]} != coordinator {truth[r][:12]}")
-    return bad
-
-
 def wait_round(net: Network, proc: Proc, round_id: int, timeout: float, merged: bool = False) -> dict[str, Any]:
     return net.wait_for(proc, lambda e: e.get("event") == "round" and e["round"] >= round_id
                         and (not merged or e.get("merged")), timeout, f"round {round_id}")
@@ -329,7 +305,7 @@ def test_unreachable_or_malformed_address_fails_in_one_line(tmp_path):
     with Network(tmp_path / "logs") as net:
         for name, (addr, expected) in cases.items():  # one at a time: each gets its own 30 s on a busy machine
             t0 = time.monotonic()
-            proc = net.start(name, ["join", "--dht", addr, "--no-progress"], exe=lte_peer)
+            proc = net.start(name, ["join", "--dht", addr, "--no-progress", "--host", "127.0.0.1"], exe=lte_peer)
             rc = net.wait_exit(proc, 30)
             line = one_stderr_line(proc)
             assert rc != 0 and line.startswith("lte-peer: error: ") and expected in line, (name, rc, line)
@@ -352,8 +328,10 @@ def test_network_run_equals_single_process_replay(tmp_path):
     ck = tmp_path / "ck"
     with Network(tmp_path / "logs") as net:
         peers, ids = prestart_peers(net, tmp_path, ["p0", "p1"])
+        # Without loss scoring: it can reject an honest member in a run's first rounds, where honest updates barely
+        # move the loss (CI saw it in round 2), and the replay needs both peers in every round.
         coord, join = net.coordinator(spec_path, ck, "--min-peers", "2", "--checkpoint-every", "1",
-                                      "--max-rounds", "100", *FAST)
+                                      "--max-rounds", "100", "--score-size", "0", *FAST)
         for p in peers.values():
             net.release(p, join)
         commits = {}

@@ -45,7 +45,8 @@ def test_peer_leaves_cleanly_on_signal(tmp_path, sig):
     peer = None
     try:
         join = _wait_line(tmp_path / "coord.log", "lte-peer join --dht", 120).split()[-1]
-        peer = _start(["-m", "peer.cli", "join", "--dht", join, "--threads", "1", "--no-progress"], tmp_path / "peer.log")
+        peer = _start(["-m", "peer.cli", "join", "--dht", join, "--threads", "1", "--no-progress",
+                       "--host", "127.0.0.1"], tmp_path / "peer.log")
         _wait_line(tmp_path / "peer.log", "round", 150)  # it has merged at least once: DHT, averager, p2pd all up
         children = psutil.Process(peer.pid).children(recursive=True)
         assert any(c.name() == "p2pd" for c in children), [c.name() for c in children]

@@ -160,6 +160,8 @@ def test_status_page_in_chromium(tmp_path: Path, chromium: str) -> None:
 
         board = dom.by_id("leaderboard").find("tbody")[0]
         assert [td.text for td in board.find("td", class_="mono")] == [peer_id]
+        cells = board.find("td")  # rank, peer, samples, rounds, quality (its mean loss improvement), rejected, state
+        assert len(cells) == 7, [td.text for td in cells]
 
         plot = dom.by_id("plot")
         acc = plot.find("polyline", **{"data-series": "test_accuracy"})

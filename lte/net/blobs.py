@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from contextlib import aclosing
 # typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase recognizes streaming handlers
@@ -30,6 +30,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from lte.net.aio import LoopThread
@@ -94,14 +95,18 @@ class _Reassembler:
         return not self._current
 
 
-# A peer that cannot be dialled is asked this many more times before the next source is tried.
+# A peer that cannot be reached is asked this many more times before the next source is tried.
 DIAL_RETRIES = 1
+# How long opening a connection to a peer at its announced addresses may take (three round trips and a TLS
+# handshake even on a slow home link; a dead address costs the fallback to the next source this long at most).
+DIAL_TIMEOUT_S = 10.0
 
 
-def _is_dial_failure(error: BaseException) -> bool:
-    """hivemind's p2pd control error for a peer that no connection can reach ("failed to dial ...: all dials
-    failed"), as opposed to a stream that opened and then broke off."""
-    return isinstance(error, P2PDaemonError) and "dial" in str(error)
+def _stream_not_opened(error: BaseException) -> BlobUnreachable:
+    """A p2pd control error before any answer came back: no connection reached the peer ("failed to dial",
+    "routing: not found" when p2pd knows no address for it, "protocol not supported" from a node that does not
+    serve this run). Retrying the same peer cannot help, unlike a stream that opened and then broke off."""
+    return BlobUnreachable(f"cannot reach the peer ({one_line(error)})")
 
 
 class BlobServicer(ServicerBase):
@@ -237,6 +242,7 @@ class BlobService:
             self._loop.close()
             raise NetworkError(f"cannot start blob service: {one_line(e)}") from e
         self.peer_id: str = self._p2p.peer_id.to_base58()
+        self._addresses: dict[PeerID, list[Multiaddr]] = {}
         stop_at_exit(self, BlobService.close)
 
     async def _start(self, dht: hivemind.DHT) -> P2P:
@@ -258,6 +264,37 @@ class BlobService:
 
     # --- remote blobs ---------------------------------------------------------------------------------
 
+    def learn_addresses(self, addresses: Mapping[str, Sequence[str]]) -> None:
+        """Remember where peers listen ({peer id: multiaddrs}, as their digests announce them); every later fetch
+        from, push to or dial of such a peer first connects at those addresses.
+
+        libp2p's own peer routing cannot be relied on to know a member's address (hivemind #472, #624); it also
+        ignores addresses it deems unroutable, such as 198.18.0.0/15, so members of a run on a private network
+        never found each other. The p2pd connection this opens is shared by the node's DHT too."""
+        for peer, maddrs in addresses.items():
+            parsed = []
+            for text in maddrs:
+                try:
+                    addr = Multiaddr(text)
+                    parsed.append(addr.decapsulate(Multiaddr(f"/p2p/{addr['p2p']}")) if "/p2p/" in text else addr)
+                except Exception:  # noqa: BLE001 (a malformed address in a digest is ignored, not fatal)
+                    continue
+            if parsed:
+                self._addresses[_as_peer(peer)] = parsed
+
+    async def _connect(self, peer: PeerID) -> None:
+        """Connect to `peer` at its learned addresses (a no-op for p2pd when a connection is open already)."""
+        addrs = self._addresses.get(peer)
+        if not addrs:
+            return
+        try:
+            await asyncio.wait_for(self._p2p._client.connect(peer, addrs), DIAL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise BlobUnreachable(f"cannot reach {peer} at {', '.join(map(str, addrs))} within "
+                                  f"{DIAL_TIMEOUT_S:.0f} s") from None
+        except P2PDaemonError as e:
+            raise BlobUnreachable(f"cannot reach {peer} at {', '.join(map(str, addrs))} ({one_line(e)})") from None
+
     def fetch(
         self,
         peer: PeerLike,
@@ -267,14 +304,20 @@ class BlobService:
         timeout: float = 60.0,
         keep: bool = False,
         round_id: int | None = None,
+        stall_timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[torch.Tensor]:
         """Download blob `sha` from `peer`, verify it and return its tensors.
 
         A blob already held locally is returned without any transfer (same address, same bytes). With
         `keep`, the blob is stored and served afterwards (tagged `round_id` for `drop_rounds_before`).
+        With `stall_timeout`, `timeout` is ignored and the download gives up only when nothing arrives for that
+        long: a whole base takes minutes on a slow home link, and no fixed deadline fits every link.
+        `progress(n, total)` is told each chunk's size and the blob's size.
         Raises BlobNotFound, BlobIntegrityError, BlobTimeout or BlobFetchError.
         """
-        return self.fetch_many([(peer, sha)], kind=kind, timeout=timeout, keep=keep, round_id=round_id)[0]
+        return self.fetch_many([(peer, sha)], kind=kind, timeout=timeout, keep=keep, round_id=round_id,
+                               stall_timeout=stall_timeout, progress=progress)[0]
 
     def fetch_many(
         self,
@@ -284,14 +327,17 @@ class BlobService:
         timeout: float = 60.0,
         keep: bool = False,
         round_id: int | None = None,
+        stall_timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[list[torch.Tensor]]:
-        """Fetch several (peer, sha) blobs in parallel, within `timeout` in all; results in request order.
+        """Fetch several (peer, sha) blobs in parallel, within `timeout` in all (or, with `stall_timeout`, for
+        as long as chunks keep arriving; see `fetch`); results in request order.
 
         If any fetch fails, raises a BlobFetchError (a single failure is re-raised as is; several are
         summarized, with `.failures` = {(peer, sha): error}), because a round cannot use a partial set.
         """
         # no backstop timeout here: every transfer has its own, and hashing/decoding cannot hang
-        results = self._loop.run(self._fetch_all(requests, kind, timeout, keep, round_id))
+        results = self._loop.run(self._fetch_all(requests, kind, timeout, keep, round_id, stall_timeout, progress))
         failures = {req: res for req, res in zip(requests, results) if isinstance(res, BaseException)}
         if len(failures) == 1:
             raise next(iter(failures.values()))
@@ -301,13 +347,14 @@ class BlobService:
         return results
 
     async def _fetch_all(
-        self, requests: Sequence[tuple[PeerLike, str]], kind: str, timeout: float, keep: bool, round_id: int | None
+        self, requests: Sequence[tuple[PeerLike, str]], kind: str, timeout: float, keep: bool, round_id: int | None,
+        stall: float | None = None, progress: Callable[[int, int], None] | None = None,
     ) -> list[Any]:
         async def one(peer: PeerLike, sha: str) -> list[torch.Tensor]:
             local = self.store.get(sha)
             if local is not None:
                 return await asyncio.to_thread(decode, local.parts)
-            parts = await self._download_retrying(_as_peer(peer), sha, kind, timeout)
+            parts = await self._download_retrying(_as_peer(peer), sha, kind, timeout, stall, progress)
             if await asyncio.to_thread(digest, parts) != sha:
                 raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
             try:
@@ -320,20 +367,24 @@ class BlobService:
 
         return await asyncio.gather(*(one(peer, sha) for peer, sha in requests), return_exceptions=True)
 
-    async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float) -> list[runtime_pb2.Tensor]:
+    async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float, stall: float | None = None,
+                                 progress: Callable[[int, int], None] | None = None) -> list[runtime_pb2.Tensor]:
         """`_download` within `timeout`, tried again while time is left when the stream broke off: on a loaded
         machine a libp2p stream occasionally ends early, and a round should not lose a member for it. A peer that
         says it lacks the blob is not asked again, and one that cannot be dialled is asked once more only
         (`DIAL_RETRIES`): it is most often a dead process, and every second spent on it delays the fallback to the
-        next source (the coordinator) for a whole round."""
+        next source (the coordinator) for a whole round. With `stall`, only a stall ends it (see `fetch`)."""
+        if stall is not None:
+            timeout = float("inf")
         deadline = asyncio.get_running_loop().time() + timeout
         truncated: BlobTruncated | None = None
         dials_left = DIAL_RETRIES
         while True:
             left = deadline - asyncio.get_running_loop().time()
             try:
-                return await asyncio.wait_for(self._download(peer, sha, kind), max(left, 0.0))
-            except BlobNotFound:
+                download = self._download(peer, sha, kind, stall, progress)
+                return await (download if stall is not None else asyncio.wait_for(download, max(left, 0.0)))
+            except (BlobNotFound, BlobTimeout):
                 raise
             except asyncio.TimeoutError:
                 if truncated is not None:  # it kept breaking off: say so, not just "too slow"
@@ -341,27 +392,43 @@ class BlobService:
                 raise BlobTimeout(f"blob {sha[:12]} from {peer}: no complete answer within {timeout:.1f} s") from None
             except Exception as e:
                 err = e if isinstance(e, BlobFetchError) else BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}")
-                if _is_dial_failure(e):
-                    err = BlobUnreachable(f"blob {sha[:12]} from {peer}: cannot reach the peer ({one_line(e)})")
+                if isinstance(e, BlobUnreachable):
+                    err = BlobUnreachable(f"blob {sha[:12]} from {peer}: {e}")
                     dials_left -= 1
                 truncated = err if isinstance(err, BlobTruncated) else truncated
-                if deadline - asyncio.get_running_loop().time() < 1.0 or dials_left < 0:
+                if deadline - asyncio.get_running_loop().time() < 1.0 or dials_left < 0 or (stall is not None and truncated is not None):
                     raise err from e
                 await asyncio.sleep(0.2)
 
-    async def _download(self, peer: PeerID, sha: str, kind: str) -> list[runtime_pb2.Tensor]:
+    async def _download(self, peer: PeerID, sha: str, kind: str, stall: float | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> list[runtime_pb2.Tensor]:
+        await self._connect(peer)
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
-        stream = await stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha))
+        try:
+            stream = await stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha))
+        except P2PDaemonError as e:
+            raise _stream_not_opened(e) from None
         async with aclosing(stream):
-            header = _meta(await anext(stream, None))
+            try:
+                header = _meta(await anext(stream, None))
+            except P2PDaemonError as e:  # hivemind opens the stream at the first read
+                raise _stream_not_opened(e) from None
             if not header.get("found"):
                 raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
             received, nbytes, complete = _Reassembler(), 0, False
             try:
-                async for message in stream:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(anext(stream), stall)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        raise BlobTimeout(f"blob {sha[:12]} from {peer}: nothing received for {stall:.0f} s") from None
                     for chunk in message.tensors:
                         nbytes += len(chunk.buffer)
                         received.add(chunk)
+                        if progress is not None:
+                            progress(len(chunk.buffer), int(header.get("nbytes", 0)))
                 complete = received.complete and len(received.parts) == header.get("count")
             finally:  # also on cancellation: the bytes crossed the wire either way
                 self.traffic.add_received(kind if complete else INTERRUPTED, nbytes)
@@ -398,6 +465,7 @@ class BlobService:
 
     async def _download_file(self, peer: PeerID, sha: str, dest: Path, kind: str, stall: float,
                              progress: Callable[[int], None] | None) -> str:
+        await self._connect(peer)
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
         stream = await asyncio.wait_for(stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha)), stall)
         async with aclosing(stream):
@@ -452,6 +520,7 @@ class BlobService:
         request = runtime_pb2.ExpertRequest(metadata=_pack(maddrs=list(maddrs)))
 
         async def ask() -> list[str]:
+            await self._connect(_as_peer(peer))
             stub = BlobServicer.get_stub(self._p2p, _as_peer(peer), namespace=self.namespace)
             answer = _meta(await stub.rpc_dial_back(request))
             if answer.get("reason"):
@@ -468,6 +537,7 @@ class BlobService:
             raise NetworkError(f"dial-back from {peer}: {one_line(e)}") from e
 
     async def _push(self, peer: PeerID, sha: str, blob: Any) -> bool:
+        await self._connect(peer)
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
         offer = runtime_pb2.ExpertRequest(uid=sha, metadata=_pack(count=len(blob.parts), nbytes=blob.nbytes))
         answer = _meta(await stub.rpc_offer_blob(offer))

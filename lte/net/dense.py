@@ -64,18 +64,21 @@ def _wait_for(dht, blobs: BlobService, key: str, names: Sequence[str], deadline:
 
 def dense_exchange(dht, blobs: BlobService, run: str, round_id: int, me: str, members: Mapping[str, Digest],
                    own: Mapping[str, tuple[Tensor, Tensor]], own_prev: Mapping[str, tuple[Tensor, Tensor]] | None,
-                   base: Mapping[str, Tensor], layers: Sequence[str], scale: float, timeout: float) -> dict[str, Tensor]:
-    """New base weights of `layers` (keys `<layer>.weight`) after round `round_id`, via owner-computes reduce.
+                   base: Mapping[str, Tensor], layers: Sequence[str], scale: float, timeout: float,
+                   denominator: float = 0.0) -> dict[str, Tensor]:
+    """New base weights of `layers` (keys `<layer>.weight`) after round `round_id`, via owner-computes reduce
+    (`denominator`: the run's lte.round_samples, as the coordinator's merge uses it).
     Raises NetworkError for anything that goes wrong, including malformed announcements from other members."""
     try:
-        return _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout)
+        return _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout,
+                         denominator)
     except NetworkError:
         raise
     except Exception as err:  # unsigned records and others' blobs can hold anything: never crash the peer for it
         raise NetworkError(f"dense path: {type(err).__name__}: {err}") from None
 
 
-def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout):
+def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layers, scale, timeout, denominator):
     owners = sorted(members)
     pos = owners.index(me)
     deadline = time.monotonic() + timeout
@@ -109,7 +112,7 @@ def _exchange(dht, blobs, run, round_id, me, members, own, own_prev, base, layer
             mine[pid] = checked(f"slice from {pid}", fetch_from(blobs, [pid], [sha], DENSE_SLICES, round_id,
                                                                 max(1.0, deadline - time.monotonic()))[0], pos)
     contributions = [HeadContribution(pid, members[pid].n, {}, {}, None, dict(zip(layers, mine[pid]))) for pid in owners]
-    update = merge_contributions(contributions, scale)
+    update = merge_contributions(contributions, scale, denominator, {})  # no replicas on the dense path
     new_rows = [(rows(base[f"{l}.weight"], l, pos).to(torch.float64) + update.deltas[l]).to(base[f"{l}.weight"].dtype)
                 for l in layers]
     reduced = blobs.put(new_rows, kind=DENSE_REDUCED, round_id=round_id)

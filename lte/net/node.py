@@ -49,11 +49,40 @@ IDENTITY_TAKEN = "is already taken by another peer"  # hivemind's P2PDaemonError
 
 
 class _AppDHT(hivemind.DHT):
-    """hivemind's DHT whose process leads its own process group (shared with its p2pd) and dies with its parent."""
+    """hivemind's DHT whose process leads its own process group (shared with its p2pd) and dies with its parent,
+    and whose p2pd daemons map no ports by UPnP unless asked to (`upnp`)."""
+
+    def __init__(self, *args: Any, upnp: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, nat_port_map=upnp, **kwargs)
+        self._upnp = upnp
 
     def run(self) -> None:
         prepare_hivemind_child(own_process_group=True)
+        _default_nat_port_map(self._upnp)
         super().run()
+
+
+def _default_nat_port_map(upnp: bool) -> None:
+    """Make `upnp` the default of every p2pd this process starts.
+
+    p2pd's UPnP port mapping (hivemind's default, `nat_port_map=True`) multicasts SSDP discovery to
+    239.255.255.250 from every interface. The node's own daemon gets our value through the DHT's keyword
+    arguments, but hivemind also starts a throwaway daemon to check that an identity file is free
+    (`P2P.is_identity_taken`) without passing it on; only a changed default reaches that one. Runs in the DHT's
+    own child process, so nothing else in the program is affected.
+    """
+    from hivemind.p2p import P2P
+
+    create = P2P.create.__func__
+    if getattr(create, "_lte_upnp", None) == upnp:
+        return
+
+    async def create_without_upnp(cls: type, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("nat_port_map", upnp)
+        return await create(cls, *args, **kwargs)
+
+    create_without_upnp._lte_upnp = upnp  # type: ignore[attr-defined]
+    P2P.create = classmethod(create_without_upnp)  # type: ignore[method-assign]
 
 
 def start_dht(
@@ -65,13 +94,16 @@ def start_dht(
     announce_maddrs: Sequence[str] | None = None,
     validators: Sequence[RecordValidatorBase] | None = None,
     startup_timeout: float = 15.0,
+    upnp: bool = False,
     **dht_kwargs: Any,
 ) -> hivemind.DHT:
     """Start a DHT node listening on `host:port` (port 0 = any) and join the swarm through `initial_peers`.
 
     `initial_peers` are full multiaddrs with `/p2p/<peer id>` (what `visible_maddrs` prints); none starts a
     new swarm. `identity_path` keeps the peer id stable across restarts (the file is created if missing).
-    `client_mode` is for peers that cannot accept connections (NAT). `validators` default to
+    `client_mode` is for peers that cannot accept connections (NAT). `upnp` lets p2pd ask the home router for a
+    port mapping (UPnP/NAT-PMP): off by default, because its discovery multicasts beyond this machine (a
+    volunteer opts in with --upnp). `validators` default to
     `default_validators()`; every node of a run must use the same ones. Extra keyword arguments go to
     `hivemind.DHT` (e.g. `use_auto_relay=True`).
 
@@ -86,7 +118,7 @@ def start_dht(
     while True:
         try:
             return _start_once(peers, announce, host, port, identity_path, client_mode, validators, startup_timeout,
-                               dht_kwargs)
+                               upnp, dht_kwargs)
         except NetworkError as e:
             if IDENTITY_TAKEN not in str(e):
                 raise
@@ -98,7 +130,7 @@ def start_dht(
 
 def _start_once(peers: list[str], announce: list[str], host: str, port: int, identity_path: str | None,
                 client_mode: bool, validators: Sequence[RecordValidatorBase] | None, startup_timeout: float,
-                dht_kwargs: dict[str, Any]) -> hivemind.DHT:
+                upnp: bool, dht_kwargs: dict[str, Any]) -> hivemind.DHT:
     dht = _AppDHT(
         initial_peers=peers or None,
         start=False,
@@ -108,6 +140,7 @@ def _start_once(peers: list[str], announce: list[str], host: str, port: int, ide
         client_mode=client_mode,
         record_validators=list(validators) if validators is not None else default_validators(),
         startup_timeout=startup_timeout,
+        upnp=upnp,
         **dht_kwargs,
     )
     try:
@@ -165,6 +198,16 @@ def reconnect(dht: hivemind.DHT, maddr: str) -> bool:
         return bool(dht.run_coroutine(partial(_dial_and_ping, maddr)))
     except Exception:
         return False
+
+
+def announceable(maddrs: list[str], coordinator_maddr: str) -> list[str]:
+    """The addresses worth announcing to a run whose coordinator listens at `coordinator_maddr`: a node listening on
+    every interface also reports its loopback address, which other machines would dial on themselves (and might
+    even reach something there); keep it only for a coordinator on loopback (one machine: tests, a lab)."""
+    if "/ip4/127." in coordinator_maddr or "/ip6/::1/" in coordinator_maddr:
+        return maddrs
+    public = [a for a in maddrs if not (a.startswith("/ip4/127.") or a.startswith("/ip6/::1/"))]
+    return public or maddrs
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

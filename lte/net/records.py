@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +100,25 @@ def _check_size(value: Any) -> None:
         raise ValueError(f"DHT record of {size} bytes exceeds {MAX_RECORD_BYTES} (large values crash the DHT)")
 
 
-def publish(dht: hivemind.DHT, key: str, value: Any, ttl: float, subkey: Any = None) -> bool:
+def publish(dht: hivemind.DHT, key: str, value: Any, ttl: float, subkey: Any = None, *, wait: bool = True) -> bool:
     """Store a small msgpack-serializable `value` under `key` (and `subkey`) for `ttl` seconds.
 
     Returns hivemind's verdict: False when no node accepted it (e.g. a newer value exists, or validation failed).
+    With `wait=False` the store goes on in the DHT process and this returns True at once: for announcements
+    nothing waits on (base hashes, liveness), because a store asks the nodes nearest the key and each one that
+    does not answer costs hivemind's request timeout, seconds in which a peer would train nothing.
     """
     _check_size(value)
+    if not wait:
+        future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
+        future.add_done_callback(_ignore_result)
+        return True
     return bool(dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey))
+
+
+def _ignore_result(future: Any) -> None:
+    with suppress(BaseException):  # read it, so that a failed background store is not reported as unretrieved
+        future.exception()
 
 
 def read(dht: hivemind.DHT, key: str) -> Any:
@@ -192,12 +205,13 @@ def hash_key(run: str, round_id: int) -> str:
 
 
 def publish_base_hash(
-    dht: hivemind.DHT, run: str, round_id: int, peer_id: str, sha256_hex: str, ttl: float = 600.0
+    dht: hivemind.DHT, run: str, round_id: int, peer_id: str, sha256_hex: str, ttl: float = 600.0,
+    *, wait: bool = True,
 ) -> bool:
-    """Announce the hash of this participant's base weights after round `round_id`."""
+    """Announce the hash of this participant's base weights after round `round_id` (`wait`: see `publish`)."""
     if not _HEX_SHA256.fullmatch(sha256_hex):
         raise ValueError(f"not a lowercase hex sha256: {sha256_hex!r}")
-    return publish(dht, hash_key(run, round_id), sha256_hex, ttl, subkey=str(peer_id))
+    return publish(dht, hash_key(run, round_id), sha256_hex, ttl, subkey=str(peer_id), wait=wait)
 
 
 def read_base_hashes(dht: hivemind.DHT, run: str, round_id: int) -> dict[str, str]:

@@ -29,6 +29,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 FACTORS, PREV_FACTORS, REPLICAS, BASE, MANIFEST = "factors", "factors_prev", "replicas", "base", "manifest"
 DENSE_SLICES, DENSE_REDUCED = "dense_slices", "dense_reduced"
 CHECKPOINT = "checkpoint"  # checkpoint files (model.safetensors, meta.json) served as file blobs
+DATA = "data"  # the run's training data: shard files and their signed manifest, served as file blobs
 
 
 def spec_key(coordinator_peer_id: str) -> str:
@@ -55,6 +56,12 @@ def providers_key(run: str, round_id: int) -> str:
     return f"lte.{run}.ckpt.{round_id}"
 
 
+def data_holders_key(run: str) -> str:
+    """Which shards each peer holds (and serves, unless in client mode) and which it is about to fetch: a joining
+    peer starts on the shards fewest peers have, and fetches them from these peers besides the coordinator."""
+    return f"lte.{run}.data.holders"
+
+
 def alive_key(run: str) -> str:
     """Peers announce themselves here each round with their local training time, so the coordinator can size the
     next window for every live peer, including those that missed the last round."""
@@ -74,7 +81,9 @@ class Digest:
     products are its V (empty when V is zero); `n`: samples since its last merge; `loss`: mean local loss of those
     steps; `t`: seconds its local training took (the coordinator sizes the next round's window from it);
     `client`: it cannot be reached, so its blobs are served by the coordinator; `k`: the round (base version) it
-    trained on, which must be the round it joins. The coordinator joins with `coordinator=True`.
+    trained on, which must be the round it joins; `a`: the multiaddrs it can be reached at (empty in client mode),
+    so that members dial each other directly instead of relying on libp2p's peer routing to find them. The
+    coordinator joins with `coordinator=True`.
     """
 
     f: str = ""
@@ -87,16 +96,28 @@ class Digest:
     client: bool = False
     coordinator: bool = False
     k: int = -1
+    a: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dict(f=self.f, r=self.r, v=self.v, n=self.n, loss=self.loss, t=self.t, spec=self.spec,
-                    client=self.client, c=self.coordinator, k=self.k)
+                    client=self.client, c=self.coordinator, k=self.k, a=list(self.a))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Digest":
         return cls(f=str(d.get("f", "")), r=str(d.get("r", "")), v=str(d.get("v", "")), n=int(d.get("n", 0)),
                    loss=float(d.get("loss", 0.0)), t=float(d.get("t", 0.0)), spec=str(d.get("spec", "")),
-                   client=bool(d.get("client", False)), coordinator=bool(d.get("c", False)), k=int(d.get("k", -1)))
+                   client=bool(d.get("client", False)), coordinator=bool(d.get("c", False)), k=int(d.get("k", -1)),
+                   a=_addresses(d.get("a")))
+
+
+MAX_ADDRESSES = 8  # a host's addresses fit; a digest must stay tiny (lte.net.membership.MAX_DIGEST_BYTES)
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """A digest's address list as announced by anyone: strings only, a few, short (BlobService parses them)."""
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(a for a in value if isinstance(a, str) and len(a) < 300)[:MAX_ADDRESSES]
 
 
 # ----- base blobs -------------------------------------------------------------------------------------------------
@@ -194,6 +215,7 @@ def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str
     coordinator, which holds every blob it committed).
     """
     out = []
+    blobs.learn_addresses({pid: d.a for pid, d in members.items() if d.a})
     needed = list(factor_layers) + list(dense_layers)
     for pid in sorted(members):
         d, src = members[pid], sources[pid]

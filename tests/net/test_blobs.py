@@ -274,3 +274,63 @@ def test_dial_back_tells_reachable_from_unreachable_addresses(trio):
     assert trio.client.dial_back(trio.hub.peer_id, [closed]) == []
     with pytest.raises(NetworkError, match="does not dial back"):  # only nodes that accept pushes do
         trio.client.dial_back(trio.server.peer_id, server_addrs, timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_nobody_routed_to_is_fetched_from_at_its_announced_addresses(trio):
+    """Members find each other by the addresses in their digests, not by libp2p's peer routing, which gives up with
+    'routing: not found' on a node it never heard of (and ignores addresses it deems unroutable, as the network
+    lab's are). Without the addresses the fetch fails at once as unreachable, not after its timeout."""
+    loner = start_dht([])  # a swarm of its own: no node of the trio knows where it is
+    service = BlobService(loner, "test")
+    try:
+        sha = service.put(_tensors(13), kind="t_loner")
+        t0 = time.monotonic()
+        with pytest.raises(BlobUnreachable, match="cannot reach"):
+            trio.server.fetch(service.peer_id, sha, kind="t_loner", timeout=60)
+        assert time.monotonic() - t0 < 20, "an unroutable peer cost the fetch its whole timeout"
+        trio.server.learn_addresses({service.peer_id: visible_maddrs(loner)})
+        assert _equal(trio.server.fetch(service.peer_id, sha, kind="t_loner", timeout=30), _tensors(13))
+        # a malformed announcement is ignored rather than breaking the service
+        trio.server.learn_addresses({service.peer_id: ["not an address"]})
+        assert _equal(trio.server.fetch(service.peer_id, sha, kind="t_loner", timeout=30), _tensors(13))
+    finally:
+        service.close()
+        shutdown_dht(loner)
+
+
+class _Slow(list):
+    """Parts of a blob that the server sends `delay` seconds apart (a slow link, or a stalled one)."""
+
+    delay = 0.0
+
+    def __iter__(self):
+        for part in super().__iter__():
+            time.sleep(self.delay)  # blocks the serving node's own event loop thread only
+            yield part
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_download_goes_on_while_bytes_arrive_and_a_stalled_one_ends(trio, monkeypatch):
+    """A whole base takes minutes on a slow home link, so a resync gives up only when nothing arrives for a while
+    (three ViT-S peers joining over 20 Mbit/s ran into a fixed 60-s deadline)."""
+    tensors = _tensors(14)
+    sha = trio.server.put(tensors, kind="t_slow")
+    blob = trio.server.store.get(sha)
+    slow = SimpleNamespace(parts=_Slow(blob.parts), kind=blob.kind, nbytes=blob.nbytes)
+    store = trio.server.store
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda key: slow if key == sha else real_get(key))
+    _Slow.delay = 0.7  # four parts: about 3 s in all
+    with pytest.raises(BlobTimeout):
+        trio.hub.fetch(trio.server.peer_id, sha, kind="t_slow", timeout=1.5)
+    seen: list[tuple[int, int]] = []
+    got = trio.hub.fetch(trio.server.peer_id, sha, kind="t_slow", timeout=1.5, stall_timeout=5,
+                         progress=lambda n, total: seen.append((n, total)))
+    assert _equal(got, tensors)
+    assert sum(n for n, _ in seen) == blob.nbytes and {t for _, t in seen} == {blob.nbytes}
+    _Slow.delay = 4.0
+    t0 = time.monotonic()
+    with pytest.raises(BlobTimeout, match="nothing received for 2 s"):
+        trio.hub.fetch(trio.server.peer_id, sha, kind="t_slow", stall_timeout=2)
+    assert time.monotonic() - t0 < 6

@@ -157,3 +157,42 @@ def test_dht_does_not_outlive_its_parent(how):
         if parent.is_alive():
             parent.kill()
             parent.join(5)
+
+
+@pytest.mark.timeout(90)
+def test_no_p2pd_maps_ports_by_upnp_unless_asked(swarm, tmp_path):
+    """UPnP discovery multicasts SSDP beyond this machine. Every p2pd a node starts runs without it: the node's
+    own, and the throwaway daemon hivemind starts to check that an identity file is free (it is not given the
+    node's settings, so it needs our changed default). `upnp=True` turns it on for a volunteer who asks."""
+    swarm.start()
+    seen: dict[int, list[str]] = {}
+    stop = threading.Event()
+
+    def watch() -> None:  # the identity check's daemon lives about a second: poll for it
+        me = psutil.Process()
+        while not stop.is_set():
+            for child in me.children(recursive=True):
+                try:
+                    cmdline = child.cmdline() if child.name() == "p2pd" else []
+                    if cmdline:  # empty for a moment between fork and exec
+                        seen.setdefault(child.pid, cmdline)
+                except psutil.Error:
+                    pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        node = swarm.start(swarm.maddrs, identity_path=str(tmp_path / "peer.id"))
+        time.sleep(0.2)
+        opted_in = swarm.start(upnp=True)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        watcher.join()
+    flags = {pid: [a for a in cmd if a.startswith("-natPortMap=")] for pid, cmd in seen.items()}
+    assert len(seen) >= 3, f"expected the identity check's daemon and the two nodes' daemons, saw {seen}"
+    mapped = [pid for pid, f in flags.items() if f != ["-natPortMap=0"]]
+    assert len(mapped) == 1, f"only the opted-in node maps ports: {flags}"
+    assert psutil.Process(mapped[0]).ppid() == opted_in.pid
+    assert any(psutil.Process(pid).ppid() == node.pid for pid in flags if pid != mapped[0] and psutil.pid_exists(pid))
