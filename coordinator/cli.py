@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 import warnings
 
 # hivemind 1.1.12 calls torch.jit.script when it is imported, and recent torch answers with a two-line
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    coord = server = None
+    coord = server = reported = None
     try:
         # Every check that needs no model and no network first: bad input is refused in a second, before any
         # file, directory or process is created.
@@ -103,20 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {spec.run} (spec {coord.spec_hash[:12]}) coordinator {coord.peer_id}", flush=True)
         print("volunteers join with:", flush=True)
         print(f"lte-peer join --dht {coord.join_addr()}", flush=True)
+        reported = len(coord.history)  # a resumed run's earlier rounds were reported by the process before
         merged = 0
         while args.max_rounds is None or merged < args.max_rounds:
             summary = coord.run_round()
             if summary is None:
                 continue
             merged += summary["peers"] > 0
-            if args.json:
-                print(json.dumps({"event": "round", **summary}), flush=True)
-            else:
-                acc = summary.get("test_accuracy")
-                loss = summary["mean_loss"]
-                print(f"round {summary['round']:4d}  peers {summary['peers']}  "
-                      f"loss {loss if loss is None else f'{loss:.4f}'}  "
-                      f"test_acc {acc if acc is None else f'{acc:.4f}'}  base {summary['base_hash'][:12]}", flush=True)
+            reported = report(coord.history, reported, args.json)
         final = coord.save_checkpoint()
         coord.finish()
         coord.drain(args.fetch_timeout + 10.0)  # peers may still be fetching the last round's blobs from us
@@ -128,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, SystemExit) as stop:  # SIGINT, or SIGTERM (lte.net.procs): leave nothing unsaved
         if coord is not None:
+            # a signal is deferred until a commit ends, and may land before that round was printed
+            if reported is not None:
+                report(coord.history, reported, args.json)
             stopped_at(coord, args.json)
         return 130 if isinstance(stop, KeyboardInterrupt) else stop.code
     finally:
@@ -135,6 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
         if coord is not None:
             coord.close()
+
+
+def report(history: list[dict[str, Any]], reported: int, as_json: bool) -> int:
+    """Print every round of `history` after the first `reported`, so each committed round is printed once, also
+    when a stop arrives between its commit and its print; returns the new count."""
+    for summary in history[reported:]:
+        if as_json:
+            print(json.dumps({"event": "round", **summary}), flush=True)
+        else:
+            acc, loss = summary.get("test_accuracy"), summary["mean_loss"]
+            print(f"round {summary['round']:4d}  peers {summary['peers']}  "
+                  f"loss {loss if loss is None else f'{loss:.4f}'}  "
+                  f"test_acc {acc if acc is None else f'{acc:.4f}'}  base {summary['base_hash'][:12]}", flush=True)
+    return len(history)
 
 
 def stopped_at(coord, as_json: bool) -> None:

@@ -2,36 +2,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-# An image-folder run small enough for 2 CPU cores: 32x32 inputs cut into 16 patches of 8x8 (each 2x2 pixels of
-# the original 8x8 digit), RGB as ImageFolder loads it, and the learning settings of netproc.SMALL_SPEC.
-FOLDER_SPEC = """\
-run: digits-folder
-seed: 0
-model:
-  name: vit_tiny_patch16_224
-  kwargs: {{img_size: 32, patch_size: 8, in_chans: 3, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 4}}
-data:
-  dataset: imagefolder
-  path: {path}
-  image_size: 32
-  batch_size: 64
-  test_fraction: 0.2
-lte:
-  heads: 4
-  rank: 8
-  alpha: 64
-  merge_every: 20
-  reset: false
-  fold: true
-  dense_modules: [head]
-optim:
-  lr: 1.0e-3
-  replica_lr: 3.0e-3
-  warmup_steps: 5
-  steps: 1500
-eval_every: 100
-"""
+import yaml
+
+from netproc import SMALL_SPEC
+
+def folder_spec(folder: Path) -> dict[str, Any]:
+    """netproc.SMALL_SPEC's run on an image folder: 32x32 inputs cut into 16 patches of 8x8 (each 2x2 pixels of the
+    original 8x8 digit), RGB as ImageFolder loads it; the learning settings are SMALL_SPEC's."""
+    spec = yaml.safe_load(SMALL_SPEC)
+    spec["run"] = "digits-folder"
+    spec["model"]["kwargs"].update(img_size=32, patch_size=8, in_chans=3)
+    spec["data"] = {"dataset": "imagefolder", "path": str(folder), "image_size": 32, "batch_size": 64,
+                    "test_fraction": 0.2}
+    return spec
 
 
 def make_digit_folder(root: Path, limit: int | None = None) -> Path:
@@ -52,5 +37,5 @@ def make_digit_folder(root: Path, limit: int | None = None) -> Path:
 
 def write_folder_spec(directory: Path, folder: Path) -> Path:
     path = Path(directory) / "folder-spec.yaml"
-    path.write_text(FOLDER_SPEC.format(path=folder))
+    path.write_text(yaml.safe_dump(folder_spec(folder), sort_keys=False))
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
+import pytest
 
 import lte.net  # noqa: F401  (first, before hivemind: it picks a tensor sharing strategy that needs no daemon)
 
@@ -453,3 +454,16 @@ def disagreements(coord: Proc, peers: list[Proc]) -> list[str]:
             if r in truth and h != truth[r]:
                 bad.append(f"{p.name} {kind} round {r}: {h[:12]} != coordinator {truth[r][:12]}")
     return bad
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_behind():
+    """Every process these tests start (and the observer's DHT in this process) must be gone at the end."""
+    before = {(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)}
+    yield
+    time.sleep(1.0)
+    left = [p for p in psutil.Process().children(recursive=True) if (p.pid, p.create_time()) not in before
+            and p.status() != psutil.STATUS_ZOMBIE]
+    for p in left:
+        p.kill()
+    assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"

@@ -12,15 +12,13 @@ import hashlib
 import json
 import re
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from digitfolder import make_digit_folder, write_folder_spec
-from netproc import Network, Proc, disagreements, rounds_of
+from netproc import Network, Proc, disagreements, nothing_left_behind, rounds_of  # noqa: F401  (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -28,18 +26,6 @@ LOCAL = ["--host", "127.0.0.1"]  # tests only ever talk to 127.0.0.0/8
 COORD_ARGS = ["--shard-mib", "0.25", "--round-seconds", "2", "--fetch-timeout", "5", "--score-size", "0",
               "--checkpoint-every", "1000"]
 PAIR_ROUNDS = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nothing_left_behind():
-    before = {(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)}
-    yield
-    time.sleep(1.0)
-    left = [p for p in psutil.Process().children(recursive=True) if (p.pid, p.create_time()) not in before
-            and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:
-        p.kill()
-    assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +84,13 @@ def test_two_volunteers_fetch_the_data_train_merge_and_learn(pair):
     assert all(e["peers"] == 2 for e in rounds.values()), {r: e["members"] for r, e in rounds.items()}
     bad = disagreements(coord, list(peers.values()))
     assert not bad, "\n".join(bad)
-    # A tiny ViT from scratch sits near chance for its first ~100 steps, and single evaluations are noisy: compare
-    # the first two rounds with the last three.
+    # A tiny ViT from scratch sits near chance for its first ~100 steps, and single evaluations are noisy (CI saw a
+    # loss spike in round 10 of 12, 1.97 -> 2.39 -> 2.30 -> 2.12, in both schedules): compare the first two rounds
+    # with the last four, the mean accuracy and the best test loss.
     acc = [rounds[r]["test_accuracy"] for r in sorted(rounds)]
-    first, last = sum(acc[:2]) / 2, sum(acc[-3:]) / 3
-    assert last > first, f"test accuracy did not rise: {[round(a, 3) for a in acc]}"
+    loss = [rounds[r]["test_loss"] for r in sorted(rounds)]
+    assert sum(acc[-4:]) / 4 > sum(acc[:2]) / 2, f"test accuracy did not rise: {[round(a, 3) for a in acc]}"
+    assert min(loss[-4:]) < min(loss[:2]) - 0.1, f"test loss did not fall: {[round(x, 3) for x in loss]}"
 
 
 @pytest.mark.timeout(600)

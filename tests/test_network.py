@@ -29,6 +29,7 @@ import psutil
 import pytest
 import torch
 
+from netproc import nothing_left_behind  # noqa: F401  (an autouse module fixture)
 from netproc import (Network, Observer, Proc, base_hashes, coordinator_id, disagreements, new_identity, rounds_of,
                      write_spec)
 
@@ -40,19 +41,6 @@ FAST = ["--round-seconds", "2", "--fetch-timeout", "5"]
 HEALTHY_ROUNDS = 6
 NAT_ADDR = "/ip4/127.0.0.1/tcp/1"  # nothing listens on port 1: what a peer behind NAT announces, in effect
 REPLAY_ROUNDS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nothing_left_behind():
-    """Every process these tests start (and the observer's DHT in this process) must be gone at the end."""
-    before = {(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)}
-    yield
-    time.sleep(1.0)
-    left = [p for p in psutil.Process().children(recursive=True) if (p.pid, p.create_time()) not in before
-            and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:
-        p.kill()
-    assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"
 
 
 # ----- helpers ----------------------------------------------------------------------------------------------

@@ -97,6 +97,11 @@ class _Reassembler:
 
 # A peer that cannot be reached is asked this many more times before the next source is tried.
 DIAL_RETRIES = 1
+# A stream that opened and then broke off (reset, or ended early) is asked again from the same peer this many more
+# times. On a loaded machine or a home link a libp2p stream occasionally dies mid-transfer, and a joining peer that
+# downloads a whole base without a deadline must not give up on the first break (seen in CI: the run never formed);
+# a peer whose stream breaks every time is faulty, and it must not be asked forever either.
+BREAK_RETRIES = 3
 # How long opening a connection to a peer at its announced addresses may take (three round trips and a TLS
 # handshake even on a slow home link; a dead address costs the fallback to the next source this long at most).
 DIAL_TIMEOUT_S = 10.0
@@ -313,7 +318,8 @@ class BlobService:
         `keep`, the blob is stored and served afterwards (tagged `round_id` for `drop_rounds_before`).
         With `stall_timeout`, `timeout` is ignored and the download gives up only when nothing arrives for that
         long: a whole base takes minutes on a slow home link, and no fixed deadline fits every link.
-        `progress(n, total)` is told each chunk's size and the blob's size.
+        `progress(n, total)` is told each chunk's size and the blob's size; a transfer that broke off takes its
+        bytes back with a negative `n` before it is asked again (`BREAK_RETRIES`), so the sum is what arrived whole.
         Raises BlobNotFound, BlobIntegrityError, BlobTimeout or BlobFetchError.
         """
         return self.fetch_many([(peer, sha)], kind=kind, timeout=timeout, keep=keep, round_id=round_id,
@@ -369,16 +375,19 @@ class BlobService:
 
     async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float, stall: float | None = None,
                                  progress: Callable[[int, int], None] | None = None) -> list[runtime_pb2.Tensor]:
-        """`_download` within `timeout`, tried again while time is left when the stream broke off: on a loaded
-        machine a libp2p stream occasionally ends early, and a round should not lose a member for it. A peer that
-        says it lacks the blob is not asked again, and one that cannot be dialled is asked once more only
-        (`DIAL_RETRIES`): it is most often a dead process, and every second spent on it delays the fallback to the
-        next source (the coordinator) for a whole round. With `stall`, only a stall ends it (see `fetch`)."""
+        """`_download` within `timeout` (with `stall`, for as long as chunks keep coming; see `fetch`), asked again
+        from the same peer when the stream broke off: on a loaded machine or a slow home link a libp2p stream
+        occasionally resets or ends early, and a round should not lose a member for it, nor a joining peer its base.
+        A stream that keeps breaking off is asked again `BREAK_RETRIES` times only, then its last error is raised
+        (with a deadline, also when too little time is left for another try): without a deadline nothing else would
+        end it. A peer that says it lacks the blob, or stalls, is not asked again, and one that cannot be dialled is
+        asked once more only (`DIAL_RETRIES`): it is most often a dead process, and every second spent on it delays
+        the fallback to the next source (the coordinator) for a whole round."""
         if stall is not None:
             timeout = float("inf")
         deadline = asyncio.get_running_loop().time() + timeout
         truncated: BlobTruncated | None = None
-        dials_left = DIAL_RETRIES
+        dials_left, breaks_left = DIAL_RETRIES, BREAK_RETRIES
         while True:
             left = deadline - asyncio.get_running_loop().time()
             try:
@@ -395,8 +404,10 @@ class BlobService:
                 if isinstance(e, BlobUnreachable):
                     err = BlobUnreachable(f"blob {sha[:12]} from {peer}: {e}")
                     dials_left -= 1
+                else:  # the stream opened, then broke off (reset, or ended before the blob was whole)
+                    breaks_left -= 1
                 truncated = err if isinstance(err, BlobTruncated) else truncated
-                if deadline - asyncio.get_running_loop().time() < 1.0 or dials_left < 0 or (stall is not None and truncated is not None):
+                if deadline - asyncio.get_running_loop().time() < 1.0 or dials_left < 0 or breaks_left < 0:
                     raise err from e
                 await asyncio.sleep(0.2)
 
@@ -432,6 +443,8 @@ class BlobService:
                 complete = received.complete and len(received.parts) == header.get("count")
             finally:  # also on cancellation: the bytes crossed the wire either way
                 self.traffic.add_received(kind if complete else INTERRUPTED, nbytes)
+                if progress is not None and not complete and nbytes:  # the next try counts them again
+                    progress(-nbytes, int(header.get("nbytes", 0)))
         if not complete:
             raise BlobTruncated(f"blob {sha[:12]} from {peer}: stream ended early")
         return received.parts
@@ -449,12 +462,16 @@ class BlobService:
         """Download file blob `sha` (see `BlobStore.put_file`) from `peer` straight into the file `dest`, hashing
         the bytes as they arrive, so a large model is never held in memory; `progress(n)` is told each chunk's size.
 
-        Gives up when no chunk arrives for `stall_timeout` s (a large file may take long, but never stalls).
+        Gives up when no chunk arrives for `stall_timeout` s (a large file may take long, but never stalls). A stream
+        that broke off (reset, or ended early) is downloaded again from the start, `BREAK_RETRIES` times at most: a
+        checkpoint or data shard takes minutes on a home link, and one dead libp2p stream must not cost the source.
+        The bytes of a broken try are taken back with a negative `progress(-n)` (a tqdm bar's `update` takes it).
         Returns the sha256 of the file's bytes. On any failure `dest` is removed and a BlobFetchError raised.
         """
         dest = Path(dest)
         try:
-            return self._loop.run(self._download_file(_as_peer(peer), sha, dest, kind, stall_timeout, progress))
+            download = self._download_file_retrying(_as_peer(peer), sha, dest, kind, stall_timeout, progress)
+            return self._loop.run(download)
         except BaseException as e:
             dest.unlink(missing_ok=True)
             if isinstance(e, BlobFetchError) or not isinstance(e, Exception):
@@ -463,34 +480,67 @@ class BlobService:
                 raise BlobTimeout(f"blob {sha[:12]} from {peer}: nothing received for {stall_timeout:.0f} s") from None
             raise BlobFetchError(f"blob {sha[:12]} from {peer}: {one_line(e)}") from e
 
+    async def _download_file_retrying(self, peer: PeerID, sha: str, dest: Path, kind: str, stall: float,
+                                      progress: Callable[[int], None] | None) -> str:
+        """`_download_file`, started again when the stream broke off. Only a break is retried: a blob the peer
+        lacks, a stall, bytes that fail their hash or a blob that is not a file would fail the same way again, and
+        an error writing `dest` is ours, not the network's."""
+        breaks_left = BREAK_RETRIES
+        while True:
+            try:
+                return await self._download_file(peer, sha, dest, kind, stall, progress)
+            except BlobFetchError as e:
+                # the plain class is what a stream that opened and then failed raises; the subclasses are verdicts
+                broke_off = isinstance(e, BlobTruncated) or type(e) is BlobFetchError
+                if not broke_off or breaks_left <= 0:
+                    raise
+                breaks_left -= 1
+                await asyncio.sleep(0.2)
+
     async def _download_file(self, peer: PeerID, sha: str, dest: Path, kind: str, stall: float,
                              progress: Callable[[int], None] | None) -> str:
         await self._connect(peer)
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
+
+        async def receive(stream: AsyncIterator[runtime_pb2.ExpertResponse]) -> runtime_pb2.ExpertResponse | None:
+            try:
+                return await asyncio.wait_for(anext(stream, None), stall)
+            except (asyncio.TimeoutError, P2PDaemonError):
+                raise
+            except Exception as e:  # the stream opened, then failed: worth another try, unlike a bad blob
+                raise BlobFetchError(f"blob {sha[:12]} from {peer}: stream broke off ({one_line(e)})") from None
+
         stream = await asyncio.wait_for(stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha)), stall)
-        async with aclosing(stream):
-            header = _meta(await asyncio.wait_for(anext(stream, None), stall))
-            if not header.get("found"):
-                raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
-            if header.get("count") != 1:
-                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
-            hashed: FileDigest | None = None
-            with open(dest, "wb") as out:
-                while (message := await asyncio.wait_for(anext(stream, None), stall)) is not None:
-                    for chunk in message.tensors:
-                        if hashed is None:  # the first chunk says what the blob is
-                            if chunk.dtype != "uint8" or len(chunk.size) != 1:
-                                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
-                            hashed = FileDigest(int(chunk.size[0]))
-                        hashed.update(chunk.buffer)
-                        out.write(chunk.buffer)
-                        self.traffic.add_received(kind, len(chunk.buffer))
-                        if progress is not None:
-                            progress(len(chunk.buffer))
-                out.flush()
-                os.fsync(out.fileno())
-        if hashed is None or hashed.seen != hashed.nbytes:
-            raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: stream ended early")
+        nbytes, complete = 0, False
+        try:
+            async with aclosing(stream):
+                header = _meta(await receive(stream))
+                if not header.get("found"):
+                    raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+                if header.get("count") != 1:
+                    raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
+                hashed: FileDigest | None = None
+                with open(dest, "wb") as out:  # "wb": a try after a break starts from an empty file
+                    while (message := await receive(stream)) is not None:
+                        for chunk in message.tensors:
+                            if hashed is None:  # the first chunk says what the blob is
+                                if chunk.dtype != "uint8" or len(chunk.size) != 1:
+                                    raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
+                                hashed = FileDigest(int(chunk.size[0]))
+                            hashed.update(chunk.buffer)
+                            out.write(chunk.buffer)
+                            nbytes += len(chunk.buffer)
+                            if progress is not None:
+                                progress(len(chunk.buffer))
+                    out.flush()
+                    os.fsync(out.fileno())
+            complete = hashed is not None and hashed.seen == hashed.nbytes
+        finally:  # as in `_download`: a broken transfer's bytes crossed the wire, but apart from the blob's kind
+            self.traffic.add_received(kind if complete else INTERRUPTED, nbytes)
+            if progress is not None and not complete and nbytes:  # a next try, or the next source, counts anew
+                progress(-nbytes)
+        if not complete or hashed is None:
+            raise BlobTruncated(f"blob {sha[:12]} from {peer}: stream ended early")
         if hashed.blob_sha() != sha:
             raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
         return hashed.file_sha()

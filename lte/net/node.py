@@ -293,6 +293,17 @@ def prepare_process() -> None:
     # p2pd's INFO lines ("Checking that identity ... is not used") would be a second stderr line of a failed start
     logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.WARNING)
     sys.unraisablehook = partial(_quiet_step_control_finalizer, sys.unraisablehook)
+    logging.getLogger("hivemind.dht.dht").addFilter(_drop_request_of_an_exiting_sender)
+
+
+def _drop_request_of_an_exiting_sender(record: Any) -> bool:
+    """False for exactly one record: hivemind's DHT process (`DHT.run`'s `_run`) logging, with a traceback, that it
+    could not read a request from its pipe because the connection was reset. That happens when our process exits
+    (SIGTERM) while a DHT call is in flight: torch's file-descriptor hand-over of the call's future is cut off with the
+    sender. Nothing is lost (the caller is gone), and CI saw the traceback after a clean exit. Every other record is
+    kept."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (record.funcName == "_run" and isinstance(exc, (ConnectionError, EOFError)))
 
 
 def _quiet_step_control_finalizer(default: Any, unraisable: Any) -> None:
