@@ -10,12 +10,13 @@ import copy
 import math
 import re
 import secrets
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from hivemind.utils import get_dht_time
@@ -59,6 +60,26 @@ from coordinator.metrics import CoordinatorMetrics
 ROUNDS_KEPT = 3
 MAX_CONCURRENT_FETCHES = 8  # members whose blobs are fetched at once (each a few streams; p2pd serves them all)
 KEEP_S = 60.0
+
+
+# A live peer whose cycle is more than this many times the fleet's (lower) median sets no round's pace.
+STRAGGLER_FACTOR = 2.0
+
+
+def round_window(cycles: Iterable[float], round_seconds: float) -> float:
+    """Seconds a round stays open: 1.5 x the longest cycle among the live peers that keep the fleet's pace, + 1 s
+    (at least `round_seconds`), so those peers merge, train T steps and upload within it even when slowed down.
+
+    A peer whose cycle is more than STRAGGLER_FACTOR x the lower median sets no pace: sizing every window for it
+    would idle every faster peer (with two peers the faster one sets the pace). It loses nothing: it trains on
+    through the rounds that close without it, follows their commits between two steps, and contributes its steps
+    to the first round it reaches (peer.service.Peer._follow_passed_rounds). Cycles of 0 (not timed yet) count
+    for nothing."""
+    timed = sorted(t for t in cycles if t > 0)
+    if not timed:
+        return round_seconds
+    pace = max(t for t in timed if t <= STRAGGLER_FACTOR * statistics.median_low(timed))
+    return max(round_seconds, 1.5 * pace + 1.0)
 
 
 @dataclass
@@ -235,6 +256,7 @@ class Coordinator:
         sha = self.blobs.put(base_to_tensors(self.base), kind=BASE, round_id=self.round)
         publish_signed(self.dht, base_key(self.run), {
             "round": self.round, "hash": self.base_hash, "blob": sha, "close": self.next_close,
+            "window": round(max(0.0, self.next_close - get_dht_time()), 3),
             "finished": self.finished, "min_size": self.opts.min_peers + 1, "epoch": self.epoch,
         }, self.owner, ttl=3600)
         self.publisher.refresh(self.checkpoints)
@@ -392,14 +414,14 @@ class Coordinator:
         return oldest
 
     def window(self, member_times: list[float]) -> float:
-        """Seconds until the next round closes: enough for the slowest live peer to fetch and merge the commit,
-        train its T local steps and upload its blobs (members of this round and peers that announced themselves,
-        e.g. after missing it), or it would miss every round. Each peer announces that cycle's length (`t`)."""
+        """Seconds until the next round closes, from the cycles (`t`: fetch and merge a commit, train T steps,
+        upload) that this round's members and the peers that announced themselves (e.g. after missing it) report;
+        see `round_window`."""
         alive = read(self.dht, alive_key(self.run))
         times = list(member_times)
         if isinstance(alive, dict):
             times += [float(v.get("t", 0.0)) for v in alive.values() if isinstance(v, dict)]
-        return max(self.opts.round_seconds, 1.5 * max(times, default=0.0) + 1.0)
+        return round_window(times, self.opts.round_seconds)
 
     def evaluate(self) -> None:
         self.eval_model.load_state_dict(self.base, strict=True)

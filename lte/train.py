@@ -10,7 +10,7 @@ import copy
 import math
 import random
 import time
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -245,10 +245,14 @@ class HeadTrainer:
         self.stream = stream if stream is not None else batches(train_set, batch_size, head_seed(spec.seed, head_id))
         self.steps = 0
 
-    def train_steps(self, n: int, progress: bool = False, desc: str = "") -> tuple[int, float]:
-        """Run `n` optimizer steps; returns (samples processed, mean loss)."""
+    def train_steps(self, n: int, progress: bool = False, desc: str = "",
+                    between: Callable[[], None] | None = None) -> tuple[int, float]:
+        """Run `n` optimizer steps; returns (samples processed, mean loss). `between()` runs after each step: the
+        one moment a commit may change the base under a head without tearing a step apart."""
         total = 0.0
         for _ in tqdm(range(n), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             total += optimizer_step(self.model, self.opt, self.sched, next(self.stream), self.device)
             self.steps += 1
+            if between is not None:
+                between()
         return n * self.batch_size, total / max(1, n)

@@ -8,6 +8,7 @@ differs, it downloads the current base from the coordinator and drops its unmerg
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,6 +45,9 @@ from peer.metrics import PeerMetrics
 
 
 RETRY_S = 60.0
+# At most this many rounds that went by are followed commit by commit, keeping our progress (the coordinator keeps
+# members' blobs about as long: coordinator.service.ROUNDS_KEPT); a longer gap is closed with one base download.
+MAX_FOLLOWED = 3
 # float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
 # was accepted by the coordinator's own computation
 NORM_TOLERANCE = 1e-9
@@ -128,6 +132,8 @@ class Peer:
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
             # the rest of a round's cycle on this peer: fetching and merging a commit, uploading our blobs (client mode)
             self.apply_seconds = self.push_seconds = 0.0
+            # when training next reads the base record: after our round's close, to follow rounds that went by
+            self.check_at, self.follow_seconds = 0.0, 0.0
             self.serving: tuple[str, ...] = ()  # blobs of the checkpoint we serve (model file, meta.json)
             self.recent_bases: dict[int, bytes] = {}  # serialized bases of the last two merged rounds
             self.resync()
@@ -224,13 +230,20 @@ class Peer:
         self.metrics.resynced(self.round)
         self.log({"event": "resync", "round": self.round, "base_hash": rec["hash"]})
 
-    def _set_base(self, state, round_id: int, sent_sha: str | None) -> None:
-        """Adopt a base. V becomes the factors in blob `sent_sha` (just merged), or a fresh blob of the live ones."""
+    def _set_base(self, state, round_id: int, sent_sha: str | None, keep_progress: bool = False) -> None:
+        """Adopt a base. V becomes the factors in blob `sent_sha` (just merged), or a fresh blob of the live ones;
+        with `keep_progress`, V and our replicas' offsets from the base stay (design notes §5: a left-out head)."""
         model = self.trainer.model
         # The adopted base's replicas: training moves the model's copy, and a round that merges nobody must give
         # back exactly this base (the commit's hash), not our trained replicas.
         weights = {f"{l}.weight" for l in self.layout.layers}
         self.base_replicas = {k: v.detach().clone() for k, v in state.items() if k not in weights}
+        if keep_progress:
+            model.load_base(state, snapshots=[])
+            if self.prev_sha:  # V's blobs are served to this round's fetchers: they must outlive drop_rounds_before
+                self.blobs.store.keep_until(factor_blob_shas(self.blobs, self.layout, self.prev_sha), round_id)
+            self.round = round_id
+            return
         if self.spec.lte.reset:
             model.load_base(state)
             self.prev_sha = ""
@@ -246,9 +259,10 @@ class Peer:
     # ----- rounds -------------------------------------------------------------------------------------------
     def train_round(self) -> None:
         self._phase("train", self.round)
-        t0 = time.perf_counter()
-        n, loss = self.trainer.train_steps(self.spec.lte.merge_every, self.opts.progress, f"round {self.round}")
-        self.train_seconds = time.perf_counter() - t0
+        t0, self.follow_seconds = time.perf_counter(), 0.0
+        n, loss = self.trainer.train_steps(self.spec.lte.merge_every, self.opts.progress, f"round {self.round}",
+                                           between=self._follow_passed_rounds)
+        self.train_seconds = time.perf_counter() - t0 - self.follow_seconds
         self.samples += n
         self.losses.append(loss)
         self.metrics.trained(n, self.spec.lte.merge_every, self.train_seconds, loss)
@@ -274,6 +288,8 @@ class Peer:
             self._resync_unless_holding(k)
             return False
         self._phase("fetch", k, members=len(gathered) - 1)  # a member now: the coordinator fetches our blobs
+        before = dict(self.blobs.traffic.received)  # the round's bytes include what the prefetch brings
+        self._prefetch(k, gathered, announced)
         commit = self._wait_commit(k)
         if commit is None:
             # The coordinator died or restarted mid-round. While the base record still names the base we hold, keep
@@ -282,11 +298,76 @@ class Peer:
             self._resync_unless_holding(k)
             return False
         self._phase("merge", k, member=self.peer_id in commit["members"])
-        return self._apply_commit(k, commit, announced.f, announced.loss, close)
+        return self._apply_commit(k, commit, announced.f, announced.loss, close, traffic_before=before)
+
+    def _prefetch(self, k: int, gathered: dict[str, Any], announced: Digest) -> None:
+        """Fetch the other members' blobs of round k in the background while the coordinator checks and commits:
+        blobs are content-addressed, so what arrives now is what the merge would fetch after the commit, and the
+        merge then finds it held, or waits for its transfer in flight (BlobService.fetch). Best effort: a member
+        the commit leaves out costs its bytes, and anything that fails here is fetched again, or refused, by the
+        merge."""
+        def fetch() -> None:
+            try:
+                members = {pid: Digest.from_dict(d) for pid, d in gathered.items() if pid != self.peer_id}
+                members = {pid: d for pid, d in members.items() if not d.coordinator}
+                sources = {pid: [self.coordinator] if d.client else [pid, self.coordinator] for pid, d in members.items()}
+                dense = round_dense_layers(self.layout, {**members, self.peer_id: announced}, self.paths)
+                layers = [l for l in self.layout.layers if l not in dense]
+                fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout, layers)
+            except Exception:  # noqa: BLE001 (best effort, see above)
+                pass
+
+        threading.Thread(target=fetch, name=f"prefetch-{k}", daemon=True).start()
+
+    def _follow_passed_rounds(self) -> None:
+        """Between two training steps: once the close of our round has passed, read the base record (at most about
+        once a round) and merge, as a non-member, every round that committed without us, keeping our progress.
+
+        This is how no peer waits for a slower one: the coordinator's windows follow the fleet's pace, not the
+        slowest peer's (coordinator.service.round_window), so a slow peer's T steps span several rounds. It
+        follows their commits as they come and contributes its T steps, with every sample since its last merge, to
+        the first round it reaches, on the base every member shares."""
+        if self.spec.lte.reset or get_dht_time() < self.check_at:
+            return
+        t0 = time.perf_counter()
+        try:
+            rec = self._base_record()
+        except NetworkError:  # a DHT hiccup must not cost the steps we are training: look again in a second
+            self.check_at = get_dht_time() + 1.0
+            return
+        if rec.get("finished"):
+            raise RunFinished()
+        if int(rec["round"]) > self.round:
+            self._catch_up(rec)
+        # the next look: after this round's close, and no sooner than a second from now (a commit is on its way)
+        self.check_at = max(float(rec["close"]), get_dht_time() + 1.0) if int(rec["round"]) == self.round else 0.0
+        self.follow_seconds += time.perf_counter() - t0
+
+    def _catch_up(self, rec: dict[str, Any]) -> None:
+        """Merge the commits from our round up to the base record's `rec` as a non-member, keeping the progress we
+        have not contributed (the reset-less rule makes it valid on the new base: LTEModel.load_base without a
+        snapshot). Any commit we cannot read or merge ends it with a resync, which drops the progress, and so does
+        a gap of more than MAX_FOLLOWED rounds (their blobs are gone, and one base download is cheaper), or a commit
+        that merged us (a contribution whose commit we missed: we no longer know what V to keep)."""
+        target = int(rec["round"])
+        if target - self.round > MAX_FOLLOWED:
+            self.resync()
+            return
+        while self.round < target:
+            k = self.round
+            commit = read_signed(self.dht, commit_key(self.run, k), self.owner)
+            if (commit is None or not isinstance(commit.value, dict) or commit.value.get("round") != k
+                    or commit.value.get("epoch") != rec.get("epoch") or self.peer_id in commit.value.get("members", {})):
+                self.resync()
+                return
+            self._phase("follow", k, training=True)
+            if not self._apply_commit(k, commit.value, None, None, get_dht_time(), keep_progress=True):
+                return  # it resynced
 
     def _resync_unless_holding(self, k: int) -> None:
         """After a round that gave us no commit: keep our base and progress while the base record still names the
-        base we hold (round k, same hash); download the current one only when the run has moved on.
+        base we hold (round k, same hash), or follow the rounds that went by keeping the progress; download the
+        current base only when neither works.
 
         Dials the coordinator first: no commit is what being cut off looks like, and hivemind's DHT forgets every
         node that did not answer once, after which it reads only its own stale copies of the records (a peer whose
@@ -294,7 +375,9 @@ class Peer:
         ones)."""
         reconnect(self.dht, self.opts.dht)
         rec = self._base_record()
-        if int(rec["round"]) != k or rec["hash"] != self.base_hash:
+        if int(rec["round"]) > k and self.samples and not self.spec.lte.reset:
+            self._catch_up(rec)
+        elif int(rec["round"]) != k or rec["hash"] != self.base_hash:
             self.resync()
 
     def _announce(self, k: int) -> Digest:
@@ -317,7 +400,10 @@ class Peer:
     def cycle_seconds(self) -> float:
         """How long this peer needs from a commit to its next announcement: merge the commit, train T steps, upload
         (client mode). The coordinator sizes round windows from it: a window that counted the training alone left
-        peers on slow links following rounds instead of training (seen in the network lab at 20 Mbit/s)."""
+        peers on slow links following rounds instead of training (seen in the network lab at 20 Mbit/s).
+        0 (unknown) until T steps were timed: a joining peer's merge alone would pull the fleet's median down."""
+        if not self.train_seconds:
+            return 0.0
         return self.apply_seconds + self.train_seconds + self.push_seconds
 
     def _open_round(self) -> dict[str, Any] | None:
@@ -328,6 +414,8 @@ class Peer:
         # Announce our training time before anything else: a peer that keeps arriving after its round closed
         # (a late joiner, a slow machine) is exactly the one the coordinator must widen the window for.
         publish(self.dht, alive_key(self.run), {"t": self.cycle_seconds()}, ttl=60, subkey=self.peer_id, wait=False)
+        if int(rec["round"]) > self.round and self.samples and not self.spec.lte.reset:
+            self._catch_up(rec)  # a slow peer: its steps go into this round, on the base everyone shares
         if int(rec["round"]) != self.round:
             self.resync()
             return None
@@ -386,20 +474,23 @@ class Peer:
         self.log({"event": "phase", "phase": phase, "round": round_id, **detail})
 
     def _behind_schedule(self) -> bool:
-        """True when we hold no unmerged steps (just resynced or merged) and T steps plus our upload would end after
-        the current round's window closes: joining it would throw the steps away."""
+        """True when we hold no unmerged steps (just resynced or merged), T steps plus our upload would end after
+        the current round's window closes, but would fit in a whole window: waiting for the next one gets our steps
+        into it sooner. A peer too slow for any window trains on (its steps go into a later round)."""
         if self.samples or not self.train_seconds:
             return False
-        needed = self.train_seconds + self.push_seconds
-        return float(self._base_record()["close"]) - get_dht_time() < 1.1 * needed
+        rec = self._base_record()
+        needed = 1.1 * (self.train_seconds + self.push_seconds)
+        return float(rec["close"]) - get_dht_time() < needed <= float(rec.get("window", float("inf")))
 
     def _apply_commit(self, k: int, commit: dict[str, Any], f_sha: str | None, mean_loss: float | None,
-                      close: float) -> bool:
+                      close: float, keep_progress: bool = False, traffic_before: dict[str, int] | None = None) -> bool:
         """Merge the committed members of round k into our base (our own factors are blob `f_sha` when we
-        contributed) and check the result against the committed hash."""
+        contributed) and check the result against the committed hash. With `keep_progress` (a non-member that
+        trained on through the round) our unmerged steps and samples stay for our next contribution."""
         members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
         sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
-        before = dict(self.blobs.traffic.received)
+        before = traffic_before if traffic_before is not None else dict(self.blobs.traffic.received)
         model = self.trainer.model
         state = model.base_state_dict() | self.base_replicas
         t_merge = time.perf_counter()
@@ -414,10 +505,11 @@ class Peer:
                 self.resync()
                 return False
         t_set = time.perf_counter()
-        self._set_base(state, k + 1, f_sha if self.peer_id in members else None)
+        self._set_base(state, k + 1, f_sha if self.peer_id in members else None,
+                       keep_progress=keep_progress and self.peer_id not in members)
         self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
         t_hash = time.perf_counter()
-        data = state_bytes(model.base_state_dict())
+        data = state_bytes(model.base_state_dict() | self.base_replicas)  # a head that kept progress has moved replicas
         h = self.base_hash = hashlib.sha256(data).hexdigest()
         # Where a round's time goes on this peer, after the commit: fetch and merge, load the base, hash it.
         parts = {"fetch_merge": t_set - t_merge, "set_base": t_hash - t_set, "hash": time.perf_counter() - t_hash}

@@ -17,6 +17,7 @@ Wire protocol (handler names are f"{namespace}::BlobServicer.rpc_*", so the clas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -105,6 +106,21 @@ BREAK_RETRIES = 3
 # How long opening a connection to a peer at its announced addresses may take (three round trips and a TLS
 # handshake even on a slow home link; a dead address costs the fallback to the next source this long at most).
 DIAL_TIMEOUT_S = 10.0
+
+
+def _answer_header(first: Any, sha: str, peer: PeerLike) -> dict[str, Any]:
+    """The header a server's answer starts with. hivemind ends a stream's iteration silently when the stream is
+    closed or reset (IncompleteReadError), so no answer at all is a stream that broke off, to be asked again
+    (BREAK_RETRIES), never the peer saying it lacks the blob: CI saw members rejected as `fetch_failed` with
+    "not found at <the member itself>" while each had begun to send that very blob."""
+    if first is None:
+        raise BlobTruncated(f"blob {sha[:12]} from {peer}: stream closed before any answer")
+    header = _meta(first)
+    if header.get("found") is False:
+        raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+    if header.get("found") is not True:
+        raise BlobFetchError(f"blob {sha[:12]} from {peer}: unreadable answer header")
+    return header
 
 
 def _stream_not_opened(error: BaseException) -> BlobUnreachable:
@@ -248,6 +264,8 @@ class BlobService:
             raise NetworkError(f"cannot start blob service: {one_line(e)}") from e
         self.peer_id: str = self._p2p.peer_id.to_base58()
         self._addresses: dict[PeerID, list[Multiaddr]] = {}
+        # sha -> the verified parts of a fetch in flight (touched on the loop thread only): see `_fetch_all`
+        self._inflight: dict[str, asyncio.Future[list[runtime_pb2.Tensor]]] = {}
         stop_at_exit(self, BlobService.close)
 
     async def _start(self, dht: hivemind.DHT) -> P2P:
@@ -360,18 +378,42 @@ class BlobService:
             local = self.store.get(sha)
             if local is not None:
                 return await asyncio.to_thread(decode, local.parts)
-            parts = await self._download_retrying(_as_peer(peer), sha, kind, timeout, stall, progress)
-            if await asyncio.to_thread(digest, parts) != sha:
-                raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
+            # One transfer per blob: a fetch of a blob already on its way (a peer's prefetch of a round's blobs,
+            # then its merge) waits for that one instead of moving the bytes twice; if it fails, this one tries.
+            if (pending := self._inflight.get(sha)) is not None:
+                with contextlib.suppress(Exception):
+                    parts = await asyncio.shield(pending)
+                    if keep:
+                        self.store.put_encoded(parts, kind=kind, round_id=round_id, sha=sha)
+                    return await asyncio.to_thread(decode, parts)
+            mine = self._inflight[sha] = asyncio.get_running_loop().create_future()
             try:
-                tensors = await asyncio.to_thread(decode, parts)
-            except Exception as e:  # well addressed, but not tensors: never store or serve it
-                raise BlobMalformed(f"blob {sha[:12]} from {peer}: does not decode ({one_line(e)})") from None
+                parts, tensors = await self._verified(_as_peer(peer), sha, kind, timeout, stall, progress)
+                mine.set_result(parts)
+            except BaseException as e:
+                mine.set_exception(e if isinstance(e, Exception) else BlobFetchError(f"blob {sha[:12]}: cancelled"))
+                mine.exception()  # read here: whoever waits on it gets it too, and nobody else must
+                raise
+            finally:
+                if self._inflight.get(sha) is mine:
+                    del self._inflight[sha]
             if keep:
                 self.store.put_encoded(parts, kind=kind, round_id=round_id, sha=sha)
             return tensors
 
         return await asyncio.gather(*(one(peer, sha) for peer, sha in requests), return_exceptions=True)
+
+    async def _verified(self, peer: PeerID, sha: str, kind: str, timeout: float, stall: float | None,
+                        progress: Callable[[int, int], None] | None) -> tuple[list[runtime_pb2.Tensor], list[torch.Tensor]]:
+        """Blob `sha` from `peer`, checked against its address and decoded: (its parts, its tensors)."""
+        parts = await self._download_retrying(peer, sha, kind, timeout, stall, progress)
+        if await asyncio.to_thread(digest, parts) != sha:
+            raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: content does not match its hash")
+        try:
+            tensors = await asyncio.to_thread(decode, parts)
+        except Exception as e:  # well addressed, but not tensors: never store or serve it
+            raise BlobMalformed(f"blob {sha[:12]} from {peer}: does not decode ({one_line(e)})") from None
+        return parts, tensors
 
     async def _download_retrying(self, peer: PeerID, sha: str, kind: str, timeout: float, stall: float | None = None,
                                  progress: Callable[[int, int], None] | None = None) -> list[runtime_pb2.Tensor]:
@@ -415,17 +457,20 @@ class BlobService:
                         progress: Callable[[int, int], None] | None = None) -> list[runtime_pb2.Tensor]:
         await self._connect(peer)
         stub = BlobServicer.get_stub(self._p2p, peer, namespace=self.namespace)
-        try:
-            stream = await stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha))
+        try:  # bounded by `stall` too: on a link that drops everything, nothing else would end the wait
+            stream = await asyncio.wait_for(stub.rpc_get_blob(runtime_pb2.ExpertRequest(uid=sha)), stall)
         except P2PDaemonError as e:
             raise _stream_not_opened(e) from None
+        except asyncio.TimeoutError:
+            raise BlobTimeout(f"blob {sha[:12]} from {peer}: no answer for {stall:.0f} s") from None
         async with aclosing(stream):
             try:
-                header = _meta(await anext(stream, None))
+                first = await asyncio.wait_for(anext(stream, None), stall)
             except P2PDaemonError as e:  # hivemind opens the stream at the first read
                 raise _stream_not_opened(e) from None
-            if not header.get("found"):
-                raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+            except asyncio.TimeoutError:
+                raise BlobTimeout(f"blob {sha[:12]} from {peer}: no answer for {stall:.0f} s") from None
+            header = _answer_header(first, sha, peer)
             received, nbytes, complete = _Reassembler(), 0, False
             try:
                 while True:
@@ -514,9 +559,7 @@ class BlobService:
         nbytes, complete = 0, False
         try:
             async with aclosing(stream):
-                header = _meta(await receive(stream))
-                if not header.get("found"):
-                    raise BlobNotFound(f"blob {sha[:12]} not found at {peer}")
+                header = _answer_header(await receive(stream), sha, peer)
                 if header.get("count") != 1:
                     raise BlobIntegrityError(f"blob {sha[:12]} from {peer}: not a file blob")
                 hashed: FileDigest | None = None

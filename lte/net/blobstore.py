@@ -9,6 +9,7 @@ The serialized protobuf as a whole (`SerializeToString`) is not hashed: streamin
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -196,6 +197,16 @@ class BlobStore:
     def remove(self, sha: str) -> bool:
         with self._lock:
             return self._blobs.pop(sha, None) is not None
+
+    def keep_until(self, shas: Iterable[str], round_id: int) -> None:
+        """Tag the held blobs `shas` with round `round_id` unless they are kept longer already, so that
+        `drop_rounds_before` spares them that long (a peer's V outlives the round it was sent in when it follows
+        rounds without merging)."""
+        with self._lock:
+            for sha in shas:
+                blob = self._blobs.get(sha)
+                if blob is not None and blob.round_id is not None and blob.round_id < round_id:
+                    self._blobs[sha] = dataclasses.replace(blob, round_id=round_id)
 
     def drop_rounds_before(self, round_id: int) -> int:
         """Forget blobs tagged with a round older than `round_id`; returns how many were dropped."""

@@ -6,6 +6,7 @@ no DHT or p2pd process behind, and the node dies with its parent instead of ling
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import sys
@@ -39,6 +40,7 @@ __all__ = [
 # Time allowed on top of p2pd's startup_timeout for the DHT to ping its initial peers (hivemind's
 # wait_timeout is 3 s) and for the child process to report back.
 BOOTSTRAP_MARGIN_S = 10.0
+RECONNECT_DIAL_S = 10.0  # how long `reconnect` dials before it lets the ping say whether the node answers
 # How long a DHT process gets to exit on its own before it is killed.
 EXIT_GRACE_S = 3.0
 # How long a node keeps asking for an identity that another live node still holds. A peer restarted right
@@ -182,7 +184,9 @@ async def _dial_and_ping(maddr: str, _dht: hivemind.DHT, node: Any) -> bool:
     addr = Multiaddr(maddr)
     peer = PeerID.from_base58(addr["p2p"])
     with suppress(Exception):  # already connected, or not reachable: the ping below tells
-        await node.p2p._client.connect(peer, [addr.decapsulate(Multiaddr(f"/p2p/{addr['p2p']}"))])
+        # bounded: over a link that drops every packet a dial would wait for TCP's own give-up, minutes
+        await asyncio.wait_for(node.p2p._client.connect(peer, [addr.decapsulate(Multiaddr(f"/p2p/{addr['p2p']}"))]),
+                               RECONNECT_DIAL_S)
     return await node.protocol.call_ping(peer) is not None
 
 

@@ -9,6 +9,7 @@ merges from factors; layers where the dense path is cheaper for the group that f
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -110,6 +111,7 @@ class Digest:
                    a=_addresses(d.get("a")))
 
 
+MAX_CONCURRENT_MEMBERS = 8  # members whose blobs a merge fetches at once (as the coordinator's MAX_CONCURRENT_FETCHES)
 MAX_ADDRESSES = 8  # a host's addresses fit; a digest must stay tiny (lte.net.membership.MAX_DIGEST_BYTES)
 
 
@@ -214,10 +216,10 @@ def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str
     `sources[peer]` lists who may serve that peer's blobs, in order of preference (the peer itself, then the
     coordinator, which holds every blob it committed).
     """
-    out = []
     blobs.learn_addresses({pid: d.a for pid, d in members.items() if d.a})
     needed = list(factor_layers) + list(dense_layers)
-    for pid in sorted(members):
+
+    def one(pid: str) -> HeadContribution:
         d, src = members[pid], sources[pid]
         cur = _factors_of(blobs, layout, src, d.f, needed, FACTORS, round_id, timeout) if needed else {}
         prev = _factors_of(blobs, layout, src, d.v, needed, PREV_FACTORS, round_id, timeout) if d.v and needed else None
@@ -226,9 +228,15 @@ def fetch_contributions(blobs: BlobService, layout: Layout, members: Mapping[str
             reps = unpack_replicas(layout, check_tensors("replicas", fetch_from(blobs, src, [d.r], REPLICAS, round_id,
                                                                                 timeout)[0], layout.replica_shapes))
         deltas = {l: member_delta(*cur[l], prev[l] if prev else None) for l in dense_layers}
-        out.append(HeadContribution(pid, d.n, {l: cur[l] for l in factor_layers}, reps,
-                                    {l: prev[l] for l in factor_layers} if prev else None, deltas))
-    return out
+        return HeadContribution(pid, d.n, {l: cur[l] for l in factor_layers}, reps,
+                                {l: prev[l] for l in factor_layers} if prev else None, deltas)
+
+    # Members side by side: each member's blobs take a few round trips (manifest, layers, V, replicas), and one
+    # after another they cost a home link M times its latency. The result keeps the sorted order every merge uses.
+    order = sorted(members)
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_CONCURRENT_MEMBERS, len(order)))) as pool:
+        futures = [pool.submit(one, pid) for pid in order]
+    return [f.result() for f in futures]
 
 
 def choose_dense_layers(layout: Layout, members: int, mode: str = "auto") -> list[str]:

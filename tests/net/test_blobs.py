@@ -1,6 +1,7 @@
 """Content-addressed blob exchange between three real nodes (two servers, one client-mode)."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -198,6 +199,20 @@ def test_dropped_round_is_no_longer_served(trio):
     with pytest.raises(BlobNotFound):
         trio.hub.fetch(trio.server.peer_id, sha, kind="t_gc", timeout=30)
     assert _equal(trio.hub.fetch(trio.server.peer_id, later, kind="t_gc", timeout=30), decode(encode(_tensors(8))))
+
+
+def test_blobs_kept_until_a_later_round_outlive_their_own():
+    """A peer that follows rounds without merging keeps serving its V (sent rounds ago) to the round it joins."""
+    store = BlobStore()
+    v = store.put(_tensors(7), kind="t_keep", round_id=3)
+    other = store.put(_tensors(8), kind="t_keep", round_id=3)
+    forever = store.put(_tensors(9), kind="t_keep")
+    store.keep_until([v, forever, "0" * 64], 6)  # an unknown address is no error
+    assert store.drop_rounds_before(6) == 1
+    assert v in store and forever in store and other not in store
+    store.keep_until([v], 4)  # never shortens
+    assert store.drop_rounds_before(5) == 0 and v in store
+    assert store.drop_rounds_before(7) == 1 and v not in store and forever in store
 
 
 class _BreaksOffOnce(list):
@@ -498,3 +513,39 @@ def test_a_file_download_that_always_breaks_off_fails_after_its_retries(trio, mo
         trio.hub.fetch_file(trio.server.peer_id, sha, dest, kind="t_file", stall_timeout=10, progress=seen.append)
     assert isinstance(info.value, BlobTruncated) == (how == "early_end")
     assert flaky.requests == 1 + BREAK_RETRIES and not dest.exists() and sum(seen) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_blob_fetched_twice_at_once_crosses_the_wire_once(trio, monkeypatch):
+    """A peer prefetches a round's blobs while the coordinator commits, and its merge then asks for the same
+    blobs: the merge waits for the transfer in flight instead of moving the bytes again."""
+    flaky = _Flaky("early_end", breaks=0)  # never breaks: it only counts the requests
+    tensors, sha, blob = _serve_flaky(trio, monkeypatch, 90, "t_once_only", flaky)
+    before = trio.hub.traffic.received.get("t_once_only", 0)
+    got = trio.hub.fetch_many([(trio.server.peer_id, sha), (trio.server.peer_id, sha)], kind="t_once_only",
+                              timeout=30)
+    assert flaky.requests == 1
+    assert all(_equal(g, decode(encode(tensors))) for g in got)
+    assert trio.hub.traffic.received["t_once_only"] - before == blob.nbytes
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_closed_before_any_answer_is_asked_again_not_called_missing(trio, monkeypatch):
+    """hivemind ends a stream's iteration silently when it is reset or closed, so a stream that died before its
+    first message read as 'not found' and was never asked again: CI saw members rejected as fetch_failed with
+    'not found at <the member itself>' while each had begun to send that blob. The server's first lookup here
+    dies (CancelledError: hivemind closes the stream without an answer); the fetch must ask again and succeed."""
+    tensors = _tensors(91)
+    sha = trio.server.put(tensors, kind="t_no_answer")
+    real_get, lookups = trio.server.store.get, []
+
+    def get(key: str) -> Any:
+        if key == sha:
+            lookups.append(key)
+            if len(lookups) == 1:
+                raise asyncio.CancelledError()
+        return real_get(key)
+
+    monkeypatch.setattr(trio.server.store, "get", get)
+    got = trio.hub.fetch(trio.server.peer_id, sha, kind="t_no_answer", timeout=20)
+    assert _equal(got, decode(encode(tensors))) and len(lookups) == 2
