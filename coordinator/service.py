@@ -413,14 +413,16 @@ class Coordinator:
         self.commit_times = {r: t for r, t in self.commit_times.items() if r >= oldest}
         return oldest
 
-    def window(self, member_times: list[float]) -> float:
+    def window(self, member_times: list[float], everyone: bool = False) -> float:
         """Seconds until the next round closes, from the cycles (`t`: fetch and merge a commit, train T steps,
         upload) that this round's members and the peers that announced themselves (e.g. after missing it) report;
-        see `round_window`."""
+        see `round_window`. With `everyone`, long enough for the slowest of them too."""
         alive = read(self.dht, alive_key(self.run))
         times = list(member_times)
         if isinstance(alive, dict):
             times += [float(v.get("t", 0.0)) for v in alive.values() if isinstance(v, dict)]
+        if everyone:
+            return max(self.opts.round_seconds, 1.5 * max(times, default=0.0) + 1.0)
         return round_window(times, self.opts.round_seconds)
 
     def evaluate(self) -> None:
@@ -435,7 +437,8 @@ class Coordinator:
 
     def drain(self, timeout: float) -> None:
         """After `finish`, stay up (at most `timeout` s) until every member of the last commit has merged it (each
-        publishes its base hash for the final round), then for one more round window.
+        publishes its base hash for the final round), then for one more round window, sized for the slowest live
+        peer (a straggler sets no round's pace, but it must read that the run is over).
 
         Peers fetch client-mode members' blobs, and a vanished member's, from the coordinator only: leaving right
         after the last commit left them one round short of the final base. And a peer learns that the run is over
@@ -447,7 +450,7 @@ class Coordinator:
             if members <= set(read_base_hashes(self.dht, self.run, self.round)):
                 break
             time.sleep(0.5)
-        time.sleep(max(0.0, min(self.window([]), deadline - time.monotonic())))
+        time.sleep(max(0.0, min(self.window([], everyone=True), deadline - time.monotonic())))
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current round (coordinator/checkpoints.py: atomic, signed, retention) and serve it."""

@@ -48,6 +48,7 @@ RETRY_S = 60.0
 # At most this many rounds that went by are followed commit by commit, keeping our progress (the coordinator keeps
 # members' blobs about as long: coordinator.service.ROUNDS_KEPT); a longer gap is closed with one base download.
 MAX_FOLLOWED = 3
+STALE_BASE_S = 5.0  # how long a base record older than our base is read again before we believe it
 # float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
 # was accepted by the coordinator's own computation
 NORM_TOLERANCE = 1e-9
@@ -134,6 +135,7 @@ class Peer:
             self.apply_seconds = self.push_seconds = 0.0
             # when training next reads the base record: after our round's close, to follow rounds that went by
             self.check_at, self.follow_seconds = 0.0, 0.0
+            self.announced: tuple[int, list[Digest]] = (-1, [])  # (round, digests we announced for it)
             self.serving: tuple[str, ...] = ()  # blobs of the checkpoint we serve (model file, meta.json)
             self.recent_bases: dict[int, bytes] = {}  # serialized bases of the last two merged rounds
             self.resync()
@@ -199,11 +201,18 @@ class Peer:
         return self.spec.data.model_copy(update=upd)
 
     # ----- base sync ----------------------------------------------------------------------------------------
-    def _base_record(self) -> dict[str, Any]:
-        rec = read_signed(self.dht, base_key(self.run), self.owner)
-        if rec is None or not isinstance(rec.value, dict):
-            raise NetworkError("the coordinator's base record is not readable")
-        return rec.value
+    def _base_record(self, fresh: bool = False) -> dict[str, Any]:
+        """The coordinator's signed base record. With `fresh`, one older than the base we hold is read again for up
+        to STALE_BASE_S: the coordinator publishes it just after the commit we merged, and a peer whose merge found
+        its blobs prefetched reads the DHT before it arrives (CI: a resync to the very base it held)."""
+        deadline = time.monotonic() + (STALE_BASE_S if fresh else 0.0)
+        while True:
+            rec = read_signed(self.dht, base_key(self.run), self.owner)
+            if rec is None or not isinstance(rec.value, dict):
+                raise NetworkError("the coordinator's base record is not readable")
+            if int(rec.value.get("round", -1)) >= self.round or time.monotonic() >= deadline:
+                return rec.value
+            time.sleep(0.2)
 
     def _put_own_factors(self, round_id: int) -> str:
         """Store the live factors (per-layer blobs and their manifest); returns the manifest's address."""
@@ -269,11 +278,15 @@ class Peer:
 
     def join_round(self) -> bool:
         """Take part in round `self.round`. Returns True when it merged, False when it had to resync."""
-        k = self.round
         rec = self._open_round()
         if rec is None:
             return False
+        k = self.round  # after `_open_round`: it may have followed rounds that went by
         announced = self._announce(k)
+        # every digest we announce for round k: a group can form without our matchmaking hearing of it (CI saw it
+        # close seconds before its scheduled time), and its commit then names one of them (`_catch_up`)
+        self.announced = self.announced if self.announced[0] == k else (k, [])
+        self.announced[1].append(announced)
         close = float(rec["close"])
         now = get_dht_time()
         self._phase("agree", k)
@@ -346,9 +359,9 @@ class Peer:
     def _catch_up(self, rec: dict[str, Any]) -> None:
         """Merge the commits from our round up to the base record's `rec` as a non-member, keeping the progress we
         have not contributed (the reset-less rule makes it valid on the new base: LTEModel.load_base without a
-        snapshot). Any commit we cannot read or merge ends it with a resync, which drops the progress, and so does
-        a gap of more than MAX_FOLLOWED rounds (their blobs are gone, and one base download is cheaper), or a commit
-        that merged us (a contribution whose commit we missed: we no longer know what V to keep)."""
+        snapshot). A commit that merged us although our matchmaking failed is merged as a member, from the digest
+        we announced. Any commit we cannot read or merge ends it with a resync, which drops the progress, and so
+        does a gap of more than MAX_FOLLOWED rounds (their blobs are gone, and one base download is cheaper)."""
         target = int(rec["round"])
         if target - self.round > MAX_FOLLOWED:
             self.resync()
@@ -357,9 +370,19 @@ class Peer:
             k = self.round
             commit = read_signed(self.dht, commit_key(self.run, k), self.owner)
             if (commit is None or not isinstance(commit.value, dict) or commit.value.get("round") != k
-                    or commit.value.get("epoch") != rec.get("epoch") or self.peer_id in commit.value.get("members", {})):
+                    or commit.value.get("epoch") != rec.get("epoch")):
                 self.resync()
                 return
+            ours = commit.value.get("members", {}).get(self.peer_id)
+            if ours is not None:  # merged although our matchmaking failed: merge it as the member we are
+                sent = [d for d in self.announced[1] if self.announced[0] == k and d.f == ours.get("f")]
+                if not sent:
+                    self.resync()
+                    return
+                self._phase("merge", k, member=True, late=True)
+                if not self._apply_commit(k, commit.value, sent[0].f, sent[0].loss, get_dht_time(), late=True):
+                    return  # it resynced
+                continue
             self._phase("follow", k, training=True)
             if not self._apply_commit(k, commit.value, None, None, get_dht_time(), keep_progress=True):
                 return  # it resynced
@@ -408,7 +431,7 @@ class Peer:
 
     def _open_round(self) -> dict[str, Any] | None:
         """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
-        rec = self._base_record()
+        rec = self._base_record(fresh=True)
         if rec.get("finished"):
             raise RunFinished()
         # Announce our training time before anything else: a peer that keeps arriving after its round closed
@@ -479,12 +502,13 @@ class Peer:
         into it sooner. A peer too slow for any window trains on (its steps go into a later round)."""
         if self.samples or not self.train_seconds:
             return False
-        rec = self._base_record()
+        rec = self._base_record(fresh=True)
         needed = 1.1 * (self.train_seconds + self.push_seconds)
         return float(rec["close"]) - get_dht_time() < needed <= float(rec.get("window", float("inf")))
 
     def _apply_commit(self, k: int, commit: dict[str, Any], f_sha: str | None, mean_loss: float | None,
-                      close: float, keep_progress: bool = False, traffic_before: dict[str, int] | None = None) -> bool:
+                      close: float, keep_progress: bool = False, traffic_before: dict[str, int] | None = None,
+                      late: bool = False) -> bool:
         """Merge the committed members of round k into our base (our own factors are blob `f_sha` when we
         contributed) and check the result against the committed hash. With `keep_progress` (a non-member that
         trained on through the round) our unmerged steps and samples stay for our next contribution."""
@@ -498,7 +522,8 @@ class Peer:
             try:
                 if unlisted(members, self.allow):
                     raise Rejected("unauthorized", f"the commit merges unlisted peers {unlisted(members, self.allow)}")
-                state = self._merge_committed(k, members, sources, f_sha, state, float(commit.get("bound", "inf")))
+                state = self._merge_committed(k, members, sources, f_sha, state, float(commit.get("bound", "inf")),
+                                              exchange=not late)
             except Rejected as err:  # the coordinator committed what our own checks refuse: never merge it
                 self.metrics.reject("commit_invalid")
                 self.log({"event": "commit_invalid", "round": k, "error": str(err)})
@@ -535,14 +560,15 @@ class Peer:
         return True
 
     def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str | None,
-                         state: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+                         state: dict[str, torch.Tensor], bound: float, exchange: bool = True) -> dict[str, torch.Tensor]:
         """The base after round k: factor-path layers and replicas from the members' blobs, dense-path layers by
         owner-computes reduce (falling back to factors, which give the same bytes, if any owner fails).
 
         Every fetched contribution passes the same checks as at the coordinator (lte/validate.py; raises Rejected):
         fetch_contributions checks the tensors, and here the update norm against the committed bound."""
         round_dense = round_dense_layers(self.layout, members, self.paths)
-        dense = round_dense if self.peer_id in members else []  # a non-member takes no part in the exchange
+        # a non-member takes no part in the exchange, nor does a member that learns of its round from the commit
+        dense = round_dense if self.peer_id in members and exchange else []
         factor_layers = [l for l in self.layout.layers if l not in dense]
         contributions = fetch_contributions(self.blobs, self.layout, members, sources, k, self.fetch_timeout,
                                             factor_layers)
