@@ -380,8 +380,10 @@ class Peer:
                     self.resync()
                     return
                 self._phase("merge", k, member=True, late=True)
+                since = self.samples - sent[0].n  # trained after that snapshot: still in B A - V, so still ours
                 if not self._apply_commit(k, commit.value, sent[0].f, sent[0].loss, get_dht_time(), late=True):
                     return  # it resynced
+                self.samples = max(0, since)
                 continue
             self._phase("follow", k, training=True)
             if not self._apply_commit(k, commit.value, None, None, get_dht_time(), keep_progress=True):
