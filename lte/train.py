@@ -246,9 +246,14 @@ class HeadTrainer:
         self.steps = 0
 
     def train_steps(self, n: int, progress: bool = False, desc: str = "",
-                    between: Callable[[], None] | None = None) -> tuple[int, float]:
+                    between: Callable[[], None] | None = None, position: int | None = None) -> tuple[int, float]:
         """Run `n` optimizer steps; returns (samples processed, mean loss). `between()` runs after each step: the
-        one moment a commit may change the base under a head without tearing a step apart."""
+        one moment a commit may change the base under a head without tearing a step apart. `position` sets where
+        in the run's learning-rate schedule the first step is (the steps after it follow on); by default the
+        schedule advances one step per step this head took."""
+        if position is not None:
+            for group, base, at in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+                group["lr"] = base * at(position)
         total = 0.0
         for _ in tqdm(range(n), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             total += optimizer_step(self.model, self.opt, self.sched, next(self.stream), self.device)

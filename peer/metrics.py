@@ -32,6 +32,7 @@ class PeerMetrics(Collector):
         self._round = -1
         self._samples = self._contributed = self._dropped = self._pending = 0
         self._resyncs = 0
+        self._busy = 0.0
         self._loss: float | None = None
         self._steps_per_s: float | None = None
         self._round_peers = 0
@@ -50,15 +51,28 @@ class PeerMetrics(Collector):
             self._loss = loss
             self._steps_per_s = steps / seconds if seconds > 0 else None
 
-    def merged(self, round_id: int, peers: int, contributed: bool) -> None:
-        """Round `round_id - 1` was merged; our pending samples are in the base if we were a committed member."""
+    def busy(self, seconds: float) -> None:
+        """`seconds` more were spent inside training steps (utilization: their rate)."""
+        with self._lock:
+            self._busy += seconds
+
+    def merged(self, round_id: int, peers: int, contributed: bool, samples: int | None = None) -> None:
+        """Round `round_id - 1` was merged. Without `samples`, all our pending samples went into the base if we were
+        a committed member and are lost otherwise; with it (a peer that keeps its progress), exactly `samples`
+        went in, and the rest stay pending."""
         self.rounds.base_changed(merged=True)
         with self._lock:
-            if contributed:
+            if samples is not None:
+                settled = min(samples, self._pending) if contributed else 0
+                self._contributed += settled
+                self._pending -= settled
+            elif contributed:
                 self._contributed += self._pending
+                self._pending = 0
             else:
                 self._dropped += self._pending
-            self._pending, self._round, self._round_peers = 0, round_id, peers
+                self._pending = 0
+            self._round, self._round_peers = round_id, peers
 
     def resynced(self, round_id: int) -> None:
         """The base was downloaded: progress not yet merged is lost."""
@@ -83,6 +97,7 @@ class PeerMetrics(Collector):
             rnd, samples, contributed, dropped = self._round, self._samples, self._contributed, self._dropped
             pending, resyncs, loss, speed, peers = (self._pending, self._resyncs, self._loss, self._steps_per_s,
                                                     self._round_peers)
+            busy = self._busy
         if run is not None:
             yield run_info(*run)
         yield GaugeMetricFamily("lte_round", "Round (base version) this peer trains on; -1 before it has a base",
@@ -96,6 +111,8 @@ class PeerMetrics(Collector):
                                   value=dropped)
         yield GaugeMetricFamily("lte_pending_samples", "Samples trained since the last merge, not merged yet",
                                 value=pending)
+        yield CounterMetricFamily("lte_train_seconds", "Seconds spent inside training steps (utilization: its rate)",
+                                  value=busy)
         yield CounterMetricFamily("lte_resyncs", "Times this peer downloaded the base from the coordinator",
                                   value=resyncs)
         if loss is not None:

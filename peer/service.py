@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,9 +37,10 @@ from lte.net.rounds import (BASE, CHECKPOINT, PROTOCOL_VERSION, REPLICAS, Digest
                             base_key, checkpoints_key, commit_key, providers_key,
                             factor_blob_shas, fetch_contributions, local_factors, put_factors, round_dense_layers,
                             run_prefix, spec_key)
+from lte.lora import Snapshot
 from lte.train import HeadTrainer
 from lte.validate import Rejected, update_norm
-from lte.wire import Layout, pack_factors, pack_replicas
+from lte.wire import Layout, pack_factors, pack_replicas, unpack_replicas
 
 from peer.training_data import training_data
 from peer.metrics import PeerMetrics
@@ -48,10 +50,52 @@ RETRY_S = 60.0
 # At most this many rounds that went by are followed commit by commit, keeping our progress (the coordinator keeps
 # members' blobs about as long: coordinator.service.ROUNDS_KEPT); a longer gap is closed with one base download.
 MAX_FOLLOWED = 3
-STALE_BASE_S = 5.0  # how long a base record older than our base is read again before we believe it
+STALE_BASE_S = 5.0
+# A pipelined peer announces its snapshot this long before its round closes (plus its upload time in client mode):
+# matchmaking must find the round's group before it closes.
+LEAD_S = 1.0  # how long a base record older than our base is read again before we believe it
 # float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
 # was accepted by the coordinator's own computation
 NORM_TOLERANCE = 1e-9
+
+
+@dataclass
+class Landing:
+    """Round k's merged base, computed from its commit (beside training when rounds are pipelined), to be adopted
+    between two steps. `sent`: our factors' blob when the commit merged us; `mean_loss`: None when we announced
+    nothing for the round."""
+    k: int
+    commit: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    data: bytes  # the serialized base: its hash must be the commit's
+    close: float
+    traffic_before: dict[str, int]
+    mean_loss: float | None
+    sent: str | None = None
+    seconds: float = 0.0  # fetching and merging it
+    snapshot: Snapshot | None = None  # what the base accounts for of our head, when it merged us (pipelined)
+
+
+class Flight:
+    """The round in flight on a pipelined peer: run `work` on a daemon thread (a SIGTERM must not wait for a
+    fetch) and hand its result, or its exception, to the training loop."""
+
+    def __init__(self, k: int, sent: Digest | None, work: Callable[[], Landing | None]):
+        self.k, self.sent, self._future = k, sent, Future()
+
+        def run() -> None:
+            try:
+                self._future.set_result(work())
+            except BaseException as err:  # noqa: BLE001 (re-raised where the training loop lands the round)
+                self._future.set_exception(err)
+
+        threading.Thread(target=run, name=f"round-{k}", daemon=True).start()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> Landing | None:
+        return self._future.result()
 
 
 class RunFinished(Exception):
@@ -78,6 +122,7 @@ class PeerOptions:
     upnp: bool = False
     progress: bool = True
     join_timeout: float = 30.0
+    schedule: str = "pipelined"  # or "lockstep" (deterministic, for replays) or "sync" (train, then wait for the round)
 
 
 def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
@@ -133,6 +178,13 @@ class Peer:
             self.round, self.prev_sha, self.samples, self.losses, self.train_seconds = -1, "", 0, [], 0.0
             # the rest of a round's cycle on this peer: fetching and merging a commit, uploading our blobs (client mode)
             self.apply_seconds = self.push_seconds = 0.0
+            # pipelined rounds (run_pipelined): time inside training steps, their mean, steps since our last snapshot
+            self.trained_seconds, self.step_seconds, self.timed_steps, self.steps_since_sent = 0.0, 0.0, 0, 0
+            self.sent_losses = 0  # how many of self.losses the snapshot in flight holds
+            self.clock = (-1, 0)  # (round, steps on its base): where a pipelined peer is in the learning-rate schedule
+            self.open_rec: dict[str, Any] | None = None  # the base record of the round we hold (pipelined)
+            self.read_at = 0.0  # when the pipelined loop may read the base record again
+            self.pipelined = opts.schedule != "sync" and not self.spec.lte.reset
             # when training next reads the base record: after our round's close, to follow rounds that went by
             self.check_at, self.follow_seconds = 0.0, 0.0
             self.announced: tuple[int, list[Digest]] = (-1, [])  # (round, digests we announced for it)
@@ -239,14 +291,22 @@ class Peer:
         self.metrics.resynced(self.round)
         self.log({"event": "resync", "round": self.round, "base_hash": rec["hash"]})
 
-    def _set_base(self, state, round_id: int, sent_sha: str | None, keep_progress: bool = False) -> None:
+    def _set_base(self, state, round_id: int, sent_sha: str | None, keep_progress: bool = False,
+                  snapshot: Snapshot | None = None) -> None:
         """Adopt a base. V becomes the factors in blob `sent_sha` (just merged), or a fresh blob of the live ones;
-        with `keep_progress`, V and our replicas' offsets from the base stay (design notes §5: a left-out head)."""
+        with `keep_progress`, V and our replicas' offsets from the base stay (design notes §5: a left-out head);
+        with `snapshot` (pipelined: merged from it), V <- its factors and we keep our progress since it."""
         model = self.trainer.model
         # The adopted base's replicas: training moves the model's copy, and a round that merges nobody must give
         # back exactly this base (the commit's hash), not our trained replicas.
         weights = {f"{l}.weight" for l in self.layout.layers}
         self.base_replicas = {k: v.detach().clone() for k, v in state.items() if k not in weights}
+        if snapshot is not None:
+            model.load_base(state, snapshots=[snapshot])
+            self.prev_sha, self.round = sent_sha, round_id
+            self.samples = max(0, self.samples - int(snapshot.samples))  # what we trained since it stays ours
+            self.losses = self.losses[self.sent_losses:]
+            return
         if keep_progress:
             model.load_base(state, snapshots=[])
             if self.prev_sha:  # V's blobs are served to this round's fetchers: they must outlive drop_rounds_before
@@ -272,6 +332,8 @@ class Peer:
         n, loss = self.trainer.train_steps(self.spec.lte.merge_every, self.opts.progress, f"round {self.round}",
                                            between=self._follow_passed_rounds)
         self.train_seconds = time.perf_counter() - t0 - self.follow_seconds
+        self.trained_seconds += self.train_seconds
+        self.metrics.busy(self.train_seconds)
         self.samples += n
         self.losses.append(loss)
         self.metrics.trained(n, self.spec.lte.merge_every, self.train_seconds, loss)
@@ -283,6 +345,7 @@ class Peer:
             return False
         k = self.round  # after `_open_round`: it may have followed rounds that went by
         announced = self._announce(k)
+        self._push(announced)
         # every digest we announce for round k: a group can form without our matchmaking hearing of it (CI saw it
         # close seconds before its scheduled time), and its commit then names one of them (`_catch_up`)
         self.announced = self.announced if self.announced[0] == k else (k, [])
@@ -406,21 +469,25 @@ class Peer:
             self.resync()
 
     def _announce(self, k: int) -> Digest:
-        """Store this round's blobs (pushing them to the coordinator in client mode) and the digest that
-        announces them to the round's members."""
+        """Store this round's blobs (our snapshot: what the commit will account for) and the digest that announces
+        them to the round's members."""
         f_sha = self._put_own_factors(k)
         r_sha = self.blobs.put(pack_replicas(self.trainer.model, self.layout), kind=REPLICAS, round_id=k)
-        if self.client_mode:  # nobody can reach us: the coordinator serves our blobs
-            t0 = time.perf_counter()
-            shas = factor_blob_shas(self.blobs, self.layout, f_sha) + [r_sha]
-            if self.prev_sha:
-                shas += factor_blob_shas(self.blobs, self.layout, self.prev_sha)
-            for sha in shas:
-                self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
-            self.push_seconds = time.perf_counter() - t0
         return Digest(f=f_sha, r=r_sha, v=self.prev_sha, n=self.samples, loss=sum(self.losses) / max(1, len(self.losses)),
                       t=self.cycle_seconds(), spec=self.spec.spec_hash(), client=self.client_mode, k=k,
                       a=tuple(self.maddrs))
+
+    def _push(self, d: Digest) -> None:
+        """In client mode nobody can reach us: upload the blobs of `d` (and of its V) for the coordinator to serve."""
+        if not self.client_mode:
+            return
+        t0 = time.perf_counter()
+        shas = factor_blob_shas(self.blobs, self.layout, d.f) + [d.r]
+        if d.v:
+            shas += factor_blob_shas(self.blobs, self.layout, d.v)
+        for sha in shas:
+            self.blobs.push(self.coordinator, sha, timeout=self.fetch_timeout)
+        self.push_seconds = time.perf_counter() - t0
 
     def cycle_seconds(self) -> float:
         """How long this peer needs from a commit to its next announcement: merge the commit, train T steps, upload
@@ -429,7 +496,8 @@ class Peer:
         0 (unknown) until T steps were timed: a joining peer's merge alone would pull the fleet's median down."""
         if not self.train_seconds:
             return 0.0
-        return self.apply_seconds + self.train_seconds + self.push_seconds
+        # pipelined, the merge runs beside training: the fleet's pace is its training (and upload) alone
+        return (0.0 if self.pipelined else self.apply_seconds) + self.train_seconds + self.push_seconds
 
     def _open_round(self) -> dict[str, Any] | None:
         """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
@@ -504,7 +572,9 @@ class Peer:
         into it sooner. A peer too slow for any window trains on (its steps go into a later round)."""
         if self.samples or not self.train_seconds:
             return False
-        rec = self._base_record(fresh=True)
+        rec = self._base_record()
+        if int(rec["round"]) < self.round:  # not yet published after our merge: it cannot tell the window; train
+            return False
         needed = 1.1 * (self.train_seconds + self.push_seconds)
         return float(rec["close"]) - get_dht_time() < needed <= float(rec.get("window", float("inf")))
 
@@ -514,32 +584,53 @@ class Peer:
         """Merge the committed members of round k into our base (our own factors are blob `f_sha` when we
         contributed) and check the result against the committed hash. With `keep_progress` (a non-member that
         trained on through the round) our unmerged steps and samples stay for our next contribution."""
-        members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
-        sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
         before = traffic_before if traffic_before is not None else dict(self.blobs.traffic.received)
-        model = self.trainer.model
-        state = model.base_state_dict() | self.base_replicas
         t_merge = time.perf_counter()
-        if members:
-            try:
-                if unlisted(members, self.allow):
-                    raise Rejected("unauthorized", f"the commit merges unlisted peers {unlisted(members, self.allow)}")
-                state = self._merge_committed(k, members, sources, f_sha, state, float(commit.get("bound", "inf")),
-                                              exchange=not late)
-            except Rejected as err:  # the coordinator committed what our own checks refuse: never merge it
-                self.metrics.reject("commit_invalid")
-                self.log({"event": "commit_invalid", "round": k, "error": str(err)})
-                self.resync()
-                return False
+        try:
+            state = self._merged_state(k, commit, f_sha, exchange=not late)
+        except Rejected as err:
+            self._refuse(k, err)
+            return False
+        member = self.peer_id in commit["members"]
+        landed = self._adopt(Landing(k, commit, state, state_bytes(state), close, before, mean_loss,
+                                     sent=f_sha if member else None, seconds=time.perf_counter() - t_merge),
+                             keep_progress=keep_progress and not member)
+        self.apply_seconds = time.perf_counter() - t_merge
+        return landed
+
+    def _refuse(self, k: int, err: Rejected) -> None:
+        """The coordinator committed what our own checks refuse: never merge it."""
+        self.metrics.reject("commit_invalid")
+        self.log({"event": "commit_invalid", "round": k, "error": str(err)})
+        self.resync()
+
+    def _merged_state(self, k: int, commit: dict[str, Any], f_sha: str | None, exchange: bool) -> dict[str, Any]:
+        """The base after round k's commit: ours plus the committed members' update, fetched and checked (raises
+        Rejected for a commit our own checks refuse). Reads the base, never changes it: it runs beside training."""
+        members = {pid: Digest.from_dict(d) for pid, d in commit["members"].items()}
+        state = self.trainer.model.base_state_dict() | self.base_replicas
+        if not members:
+            return state
+        if unlisted(members, self.allow):
+            raise Rejected("unauthorized", f"the commit merges unlisted peers {unlisted(members, self.allow)}")
+        sources = {pid: ([self.coordinator] if d.client else [pid, self.coordinator]) for pid, d in members.items()}
+        return self._merge_committed(k, members, sources, f_sha, state, float(commit.get("bound", "inf")),
+                                     exchange=exchange)
+
+    def _adopt(self, landing: "Landing", keep_progress: bool, snapshot: Snapshot | None = None) -> bool:
+        """Make round `landing.k`'s merged base ours, check it against the commit's hash, publish and log it.
+        With `snapshot` (pipelined), we were merged from it and keep our progress since; with `keep_progress` we
+        were left out and keep all of it. Returns False when the hash differs (we then resync)."""
+        k, commit, state, data = landing.k, landing.commit, landing.state, landing.data
+        members = commit["members"]
         t_set = time.perf_counter()
-        self._set_base(state, k + 1, f_sha if self.peer_id in members else None,
-                       keep_progress=keep_progress and self.peer_id not in members)
-        self.metrics.merged(k + 1, len(members), contributed=self.peer_id in members)
-        t_hash = time.perf_counter()
-        data = state_bytes(model.base_state_dict() | self.base_replicas)  # a head that kept progress has moved replicas
+        self._set_base(state, k + 1, landing.sent, keep_progress=keep_progress, snapshot=snapshot)
+        contributed = members[self.peer_id]["n"] if landing.sent is not None else 0
+        self.metrics.merged(k + 1, len(members), contributed=landing.sent is not None,
+                            samples=contributed if snapshot is not None or keep_progress else None)
         h = self.base_hash = hashlib.sha256(data).hexdigest()
         # Where a round's time goes on this peer, after the commit: fetch and merge, load the base, hash it.
-        parts = {"fetch_merge": t_set - t_merge, "set_base": t_hash - t_set, "hash": time.perf_counter() - t_hash}
+        parts = {"fetch_merge": landing.seconds, "set_base": time.perf_counter() - t_set}
         if not self.client_mode:  # the coordinator lists a round's checkpoint a moment after its commit
             self.recent_bases = {r: b for r, b in self.recent_bases.items() if r == k} | {k + 1: data}
         if h != commit["hash"]:
@@ -548,17 +639,15 @@ class Peer:
             self.resync()
             return False
         publish_base_hash(self.dht, self.run, k + 1, self.peer_id, h, wait=False)
-        received = {kind: v - before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
+        received = {kind: v - landing.traffic_before.get(kind, 0) for kind, v in self.blobs.traffic.received.items()}
         rejected = commit.get("rejected", {}).get(self.peer_id)
-        if rejected and f_sha is not None:
+        if rejected and landing.mean_loss is not None:
             self.log({"event": "contribution_rejected", "round": k, "reason": rejected})
         self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
-                  "followed": f_sha is None, "latency_s": get_dht_time() - close, "apply_s": parts,
-                  "samples": members[self.peer_id].n if self.peer_id in members else 0,
-                  "loss": mean_loss, "base_hash": h, "bytes_received": received,
-                  "bytes_sent_total": dict(self.blobs.traffic.sent)})
+                  "followed": landing.mean_loss is None, "latency_s": get_dht_time() - landing.close, "apply_s": parts,
+                  "samples": contributed, "loss": landing.mean_loss, "base_hash": h, "bytes_received": received,
+                  "bytes_sent_total": dict(self.blobs.traffic.sent), "train_s_total": self.trained_seconds})
         self.blobs.store.drop_rounds_before(k - 1)
-        self.apply_seconds = time.perf_counter() - t_merge
         return True
 
     def _merge_committed(self, k: int, members: dict[str, Digest], sources: dict[str, list[str]], f_sha: str | None,
@@ -617,7 +706,8 @@ class Peer:
                 return rec.value
             if time.monotonic() > check_base_at:
                 now = self._base_record()
-                if now.get("epoch") != base.get("epoch") or (now["round"] == k and now["close"] != base["close"]):
+                if (now.get("epoch") != base.get("epoch") or now.get("finished")
+                        or (now["round"] == k and now["close"] != base["close"])):
                     return None
                 check_base_at = time.monotonic() + 2.0
             time.sleep(0.2)
@@ -626,6 +716,8 @@ class Peer:
     def run_forever(self) -> None:
         """Train and merge until --max-rounds, or the coordinator ends the run. Transient network failures (the
         coordinator restarting, a lost connection) are retried for `RETRY_S` before the peer gives up."""
+        if self.pipelined:
+            return self.run_pipelined()
         merged, failing_since = 0, None
         while self.opts.max_rounds is None or merged < self.opts.max_rounds:
             try:
@@ -639,20 +731,174 @@ class Peer:
                 self.log({"event": "finished", "round": self.round})
                 return
             except NetworkError as err:
-                self.metrics.network_error(err)
-                if self._run_finished():  # the coordinator ended the run and left while we were fetching
-                    self.log({"event": "finished", "round": self.round})
+                if self._recover(err, failing_since):
                     return
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > RETRY_S:
-                    raise
-                self.log({"event": "retry", "round": self.round, "error": str(err)})
-                time.sleep(2.0)
-                reconnect(self.dht, self.opts.dht)
+
+    def run_pipelined(self) -> None:
+        """Train without ever waiting for the network (design notes §5), until --max-rounds or the end of the run.
+
+        Between two steps, and only there, the base may change: the round in flight lands once its merged base is
+        ready (fetched and merged beside training), and, with none in flight, the next one takes off when our
+        round is about to close: our snapshot is announced, or, if the round closed without us, its commit is
+        followed. At most one round is in flight, so every member of a round trained against the one base they
+        share. With --schedule lockstep a snapshot comes every T steps and the round in flight lands just before
+        the next one (training waits for it if late): the simulator's lte.merge_delay = T, step for step."""
+        merged, flight, failing_since = 0, None, None
+        lockstep, T = self.opts.schedule == "lockstep", self.spec.lte.merge_every
+        with tqdm(desc="training", unit="step", disable=not self.opts.progress, dynamic_ncols=True) as bar:
+            while self.opts.max_rounds is None or merged < self.opts.max_rounds:
                 try:
-                    self.resync()
-                except NetworkError:
-                    pass
+                    self._step()
+                    bar.update()
+                    # lockstep lands exactly T steps after its snapshot, pipelined as soon as the merge is ready
+                    if flight is not None and (self.steps_since_sent >= T if lockstep else flight.done()):
+                        landed = self._land(flight)
+                        flight, merged = None, merged + landed
+                        failing_since = None if landed else failing_since
+                        bar.set_postfix(round=self.round)
+                    if flight is None:
+                        flight = self._take_off(lockstep)
+                except RunFinished:
+                    self.log({"event": "finished", "round": self.round})
+                    return
+                except NetworkError as err:
+                    flight = None  # whatever it was doing: the resync below replaces the base it would land on
+                    if self._recover(err, failing_since):
+                        return
+                    failing_since = failing_since or time.monotonic()
+
+    def _step(self) -> None:
+        """One optimizer step, timed: the peer's pace (what the coordinator sizes windows from) and its utilization."""
+        if self.round != self.clock[0]:
+            self.clock = (self.round, 0)
+        # The run's clock, not our step count, sets the learning rate (except in lockstep, which is the simulator
+        # step for step): a peer faster than the fleet's pace takes more steps per round and would otherwise run
+        # through the schedule early. Round k's steps sit where the simulator's are: (k + 1) T on, merge_delay = T.
+        position = None if self.opts.schedule == "lockstep" else self.spec.lte.merge_every * (self.round + 1) + self.clock[1]
+        t0 = time.perf_counter()
+        n, loss = self.trainer.train_steps(1, position=position)
+        dt = time.perf_counter() - t0
+        self.clock = (self.round, self.clock[1] + 1)
+        self.samples, self.steps_since_sent, self.timed_steps = self.samples + n, self.steps_since_sent + 1, \
+            self.timed_steps + 1
+        self.losses.append(loss)
+        self.trained_seconds += dt
+        self.step_seconds = dt if self.timed_steps == 1 else 0.9 * self.step_seconds + 0.1 * dt
+        if self.timed_steps >= self.spec.lte.merge_every:  # announced only once T steps were timed (cycle_seconds)
+            self.train_seconds = self.spec.lte.merge_every * self.step_seconds
+        self.metrics.trained(n, 1, self.step_seconds, loss)
+        self.metrics.busy(dt)
+
+    def _take_off(self, lockstep: bool) -> Flight | None:
+        """The next round to put in flight, once it is due: our snapshot when our round is about to close (in
+        lockstep: T steps after the last one), or following its commit when it closed without us."""
+        rec = self._open_record()
+        if rec is None:
+            return None
+        k, close, now = self.round, float(rec["close"]), get_dht_time()
+        if lockstep:
+            if self.steps_since_sent < self.spec.lte.merge_every:
+                return None
+        elif now < close - (LEAD_S + 1.2 * self.push_seconds):
+            return None
+        if now >= close or not self.samples:  # the round closes without us: follow it, training on
+            return Flight(k, None, lambda: self._fly(k, close, None))
+        sent = self._announce(k)
+        self.announced = (k, (self.announced[1] if self.announced[0] == k else []) + [sent])
+        self.steps_since_sent, self.sent_losses = 0, len(self.losses)
+        return Flight(k, sent, lambda: self._fly(k, close, sent))
+
+    def _open_record(self) -> dict[str, Any] | None:
+        """The base record of the round we hold, read at most twice a second until it is there; None meanwhile.
+        Passed rounds are followed (keeping our progress) or the base downloaded, as in the synchronous loop."""
+        if self.open_rec is not None and int(self.open_rec["round"]) == self.round:
+            return self.open_rec
+        if time.monotonic() < self.read_at:
+            return None
+        self.read_at = time.monotonic() + 0.5
+        rec = self._base_record()
+        if rec.get("finished"):
+            raise RunFinished()
+        if int(rec["round"]) > self.round:
+            if self.samples and not self.spec.lte.reset:
+                self._catch_up(rec)
+            else:
+                self.resync()
+            return None
+        if int(rec["round"]) < self.round:  # published a moment after the commit we merged
+            return None
+        self.open_rec = rec
+        publish(self.dht, alive_key(self.run), {"t": self.cycle_seconds()}, ttl=60, subkey=self.peer_id, wait=False)
+        return rec
+
+    def _fly(self, k: int, close: float, sent: Digest | None) -> Landing | None:
+        """Round k beside training: upload (client mode), agree, prefetch, wait for the commit, fetch and merge.
+        Returns the merged base to adopt, or None when no commit for round k came."""
+        before = dict(self.blobs.traffic.received)
+        self._serve_checkpoint()
+        gathered: dict[str, Any] = {}
+        if sent is not None:
+            self._push(sent)
+            self._phase("agree", k)
+            now = get_dht_time()
+            try:
+                gathered = self.members.agree(k, sent.to_dict(), deadline_s=max(1.0, close - now) + 3.0,
+                                              min_size=int(self.open_rec.get("min_size", 2)),
+                                              scheduled_time=max(close, now + 0.5))
+            except GroupNotFound:
+                pass  # the commit may still merge us (a group can close without our matchmaking hearing of it)
+            if self.coordinator in gathered:
+                self._phase("fetch", k, members=len(gathered) - 1)
+                self._prefetch(k, gathered, sent)
+        else:
+            self._phase("follow", k, training=True)
+        commit = self._wait_commit(k, close - get_dht_time())
+        if commit is None:
+            return None
+        ours = commit["members"].get(self.peer_id)
+        if ours is not None and (sent is None or ours.get("f") != sent.f):
+            raise NetworkError(f"round {k}'s commit merges a contribution of ours that this snapshot did not send")
+        self._phase("merge", k, member=ours is not None)
+        t0 = time.perf_counter()
+        state = self._merged_state(k, commit, sent.f if ours else None, exchange=self.peer_id in gathered)
+        snapshot = None
+        if ours is not None:  # what the base now accounts for of our head: the decoded bytes we announced
+            snapshot = Snapshot(self.trainer.model.head_ids[0], sent.n, local_factors(self.blobs, self.layout, sent.f),
+                                {}, unpack_replicas(self.layout, self.blobs.store.tensors(sent.r)))
+        return Landing(k, commit, state, state_bytes(state), close, before, sent.loss if sent else None,
+                       sent=sent.f if ours else None, seconds=time.perf_counter() - t0, snapshot=snapshot)
+
+    def _land(self, flight: Flight) -> bool:
+        """Adopt the round in flight (waiting for it if it is not done). Returns whether a commit was merged."""
+        try:
+            landing = flight.result()
+        except Rejected as err:
+            self._refuse(flight.k, err)
+            return False
+        self.open_rec = None  # the round we hold changes, or its window was opened again
+        if landing is None:  # no commit for round k: no group formed, or the coordinator restarted
+            self._resync_unless_holding(flight.k)
+            return False
+        return self._adopt(landing, keep_progress=landing.snapshot is None, snapshot=landing.snapshot)
+
+    def _recover(self, err: NetworkError, failing_since: float | None) -> bool:
+        """After a failed round: retry from a fresh base download for up to RETRY_S (re-raising after that).
+        Returns True when the run turned out to have ended."""
+        self.metrics.network_error(err)
+        if self._run_finished():  # the coordinator ended the run and left while we were fetching
+            self.log({"event": "finished", "round": self.round})
+            return True
+        if failing_since is not None and time.monotonic() - failing_since > RETRY_S:
+            raise err
+        self.log({"event": "retry", "round": self.round, "error": str(err)})
+        time.sleep(2.0)
+        reconnect(self.dht, self.opts.dht)
+        try:
+            self.resync()
+        except NetworkError:
+            pass
+        return False
 
     def close(self) -> None:
         shutdown_node(self.members, self.blobs, dht=self.dht)

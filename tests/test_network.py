@@ -4,11 +4,13 @@ Three network runs (the first two are module-scoped fixtures shared by several t
 tests look at it):
 
 - a healthy run: coordinator + 3 peers, one behind (simulated) NAT that must detect it and switch to client mode,
-  every round with all three (--min-peers 3), factors on the wire in fp16, one peer with an int8 base (--base-dtype);
+  every round with all three (--min-peers 3), factors on the wire in fp16, one peer with an int8 base (--base-dtype),
+  one on the synchronous schedule (--schedule sync) beside two pipelined ones;
 - a fault run: coordinator + 3 peers; one peer is SIGKILLed while a round is in progress, then restarted with
   the same identity, and a fourth peer joins late; its coordinator forces `--paths dense`, so the
   owner-computes reduce runs under churn too (the other runs use the factor path, `auto` for this model);
-- an equivalence run: coordinator + 2 peers, replayed afterwards in this process with `HeadTrainer`.
+- an equivalence run: coordinator + 2 peers on the deterministic pipelined schedule (--schedule lockstep), replayed
+  afterwards in this process with `HeadTrainer` as the simulator runs lte.merge_delay = T.
 
 Processes are started and stopped by `netproc.Network` (by pid only; no descendant may be left behind). Each
 process prints JSON events; participants also publish their base hash per round in the DHT, which an in-process
@@ -96,7 +98,9 @@ def healthy_run(tmp_path_factory) -> Run:
         # p1 sits "behind NAT": it announces an address nobody can connect to, so it must detect that and switch
         # to client mode by itself. p2 holds its frozen base in int8 (an fp32 master in host memory): its hash
         # must still equal everyone's every round.
-        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], extra={"p1": ["--announce-maddrs", NAT_ADDR],
+        # p0 runs the synchronous schedule: peers of either schedule share a run.
+        peers, ids = prestart_peers(net, wd, ["p0", "p1", "p2"], extra={"p0": ["--schedule", "sync"],
+                                                                         "p1": ["--announce-maddrs", NAT_ADDR],
                                                                          "p2": ["--base-dtype", "int8"]})
         coord, join = net.coordinator(spec, wd / "ck", "--max-rounds", str(HEALTHY_ROUNDS), "--min-peers", "3",
                                       "--checkpoint-every", "1000", "--wire", "fp16", *FAST)
@@ -315,7 +319,8 @@ def test_network_run_equals_single_process_replay(tmp_path):
     spec_path = write_spec(tmp_path)
     ck = tmp_path / "ck"
     with Network(tmp_path / "logs") as net:
-        peers, ids = prestart_peers(net, tmp_path, ["p0", "p1"])
+        lockstep = ["--schedule", "lockstep"]
+        peers, ids = prestart_peers(net, tmp_path, ["p0", "p1"], extra={"p0": lockstep, "p1": lockstep})
         # Without loss scoring: it can reject an honest member in a run's first rounds, where honest updates barely
         # move the loss (CI saw it in round 2), and the replay needs both peers in every round.
         coord, join = net.coordinator(spec_path, ck, "--min-peers", "2", "--checkpoint-every", "1",
@@ -346,7 +351,7 @@ def test_network_run_equals_single_process_replay(tmp_path):
     assert not disagreements(coord, list(peers.values()))
 
     spec = load_spec(spec_path)
-    batch = spec.data.batch_size // spec.lte.heads
+    batch, T = spec.data.batch_size // spec.lte.heads, spec.lte.merge_every
     torch.manual_seed(spec.seed)  # the coordinator's base init
     init = {k: v.detach().clone() for k, v in create_base_model(spec.model).state_dict().items()}
     assert {e["base_hash"] for p in peers.values() for e in p.of("resync")} == {state_hash(init)}
@@ -354,6 +359,14 @@ def test_network_run_equals_single_process_replay(tmp_path):
     names = list(peers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the peers ran (--threads 1)
+
+    def steps_to(r: int, name: str) -> int:
+        """Steps a peer trained between its snapshots of rounds r-1 and r (from its join for r = 0), from the samples
+        its commit lists. In lockstep round r-1's merge landed exactly T steps after snapshot r-1."""
+        steps, rest = divmod(commits[r]["members"][ids[name]]["n"], batch)
+        assert rest == 0 and steps >= (T if r else 1), commits[r]["members"][ids[name]]
+        return steps - (T if r else 0)
+
     try:
         trainers = []
         for i, name in enumerate(names):
@@ -361,21 +374,25 @@ def test_network_run_equals_single_process_replay(tmp_path):
                             batch)
             t.model.load_base(init)
             trainers.append(t)
+        # The simulator's pipelined schedule at lte.merge_delay = T (lte/train.py): snapshot, T steps, merge.
+        for t, name in zip(trainers, names):
+            t.train_steps(steps_to(0, name))
+        snaps = [t.model.snapshot(0, commits[0]["members"][ids[n]]["n"]) for t, n in zip(trainers, names)]
         for r in range(REPLAY_ROUNDS):
-            members = commits[r]["members"]
-            for t, name in zip(trainers, names):
-                # A peer that found no group trains T more steps and joins the next window with more samples.
-                steps, rest = divmod(members[ids[name]]["n"], batch)
-                assert rest == 0 and steps > 0 and steps % spec.lte.merge_every == 0, members[ids[name]]
-                t.train_steps(steps)
-            update = merge_contributions([t.model.head_contribution(0, members[ids[n]]["n"])
-                                          for t, n in zip(trainers, names)], spec.lte.scale)
             for t in trainers:
-                t.model.apply_merge(update)
+                t.train_steps(T)
+            update = merge_contributions([s.contribution() for s in snaps], spec.lte.scale)
+            for t, snap in zip(trainers, snaps):
+                t.model.apply_merge(update, snapshots=[snap])
+            if r + 1 < REPLAY_ROUNDS:
+                for t, name in zip(trainers, names):
+                    t.train_steps(steps_to(r + 1, name))
+                snaps = [t.model.snapshot(0, commits[r + 1]["members"][ids[n]]["n"]) for t, n in zip(trainers, names)]
     finally:
         torch.set_num_threads(threads)
-    replay = trainers[0].model.base_state_dict()
-    assert state_hash(replay) == state_hash(trainers[1].model.base_state_dict())
+    # the base's replicas: each head's live copy holds its T steps since the last snapshot
+    replay, other = ({**t.model.base_state_dict(), **t.model.base_replicas()} for t in trainers)
+    assert state_hash(replay) == state_hash(other)
     network = load_file(ck / f"round-{REPLAY_ROUNDS:06d}" / "model.safetensors")
     assert sorted(network) == sorted(replay)
     diffs = {k: (network[k].double() - replay[k].double()).abs().max().item() for k in replay}
