@@ -16,7 +16,11 @@ Only steady rounds count: the coordinator merged all N peers in it and in the ro
 - bytes: received (payload of the round event) and sent (growth of its sent total);
 - bound: max(received, sent) at the link rate, the least time the round's bytes take on that link;
 - round / bound: the target is at most 1.5;
-- utilization: time inside the train phase / wall time, from the first to the last steady round.
+- utilization: seconds inside training steps (`train_s_total` of its round events) / wall seconds, from the round
+  before the first steady one to the last.
+Each case runs once per peer schedule (--schedules): synchronous (train T steps, then wait for the round) and
+pipelined (train on while the round is agreed, fetched and merged). A pipelined peer's phases overlap its training,
+so its train/agree/commit/merge columns say when the round's parts happened, not what its training waited for.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from common import ROOT, banner, machine, parse, parser, table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 from lab import Lab, Shape  # noqa: E402
-from netproc import SMALL_SPEC, Network, rounds_of  # noqa: E402
+from netproc import SMALL_SPEC, Network  # noqa: E402
 from round_latency import vit_s_spec  # noqa: E402
 
 # what a peer logs as it enters each part of a round; `follow`: waiting to merge a round it did not train for
@@ -45,7 +49,8 @@ def spec_text(model: str, peers: int) -> str:
     return yaml.safe_dump(vit_s_spec(str(ROOT / "configs" / "digits.yaml"), peers, 32))
 
 
-def run_once(model: str, rate: float, rtt_ms: float, peers: int, rounds: int, workdir: Path) -> dict[str, Any]:
+def run_once(model: str, rate: float, rtt_ms: float, peers: int, rounds: int, workdir: Path,
+             schedule: str = "pipelined") -> dict[str, Any]:
     """One run in a fresh lab; every process's events."""
     link = Shape(delay_ms=rtt_ms / 4, rate_mbit=rate)  # four one-way legs on a path between two hosts
     spec = workdir / "spec.yaml"
@@ -60,7 +65,7 @@ def run_once(model: str, rate: float, rtt_ms: float, peers: int, rounds: int, wo
         join = net.wait_line(coord, lambda l: l.startswith("lte-peer join --dht "), 180, "the join line").split()[-1]
         procs = [net.start(f"p{i}", **h.netproc(["-m", "peer.cli", "join", "--dht", join, "--shard", f"{i}/{peers}",
                                                   "--threads", "1", "--no-progress", "--json", "--name", f"p{i}",
-                                                  "--host", h.ip]))
+                                                  "--host", h.ip, "--schedule", schedule]))
                  for i, h in enumerate(hosts)]
         net.wait_for(coord, lambda e: e.get("event") == "done", 300 + 120 * rounds, "the end of the run")
         for p in procs:
@@ -94,16 +99,18 @@ def summarize(run: dict[str, Any], peers: int, rate: float) -> dict[str, Any]:
             if e and prev and e["merged"]:
                 recv.append(sum(e["bytes_received"].values()))
                 sent.append(sum(e["bytes_sent_total"].values()) - sum(prev["bytes_sent_total"].values()))
-        t0, t1 = coord[steady[0] - 1]["_t"], coord[steady[-1]]["_t"]
-        trained = sum(s for phase, k, s in spans if phase == "train" and k + 1 in steady)
-        util.append(trained / (t1 - t0))
+        # seconds inside training steps over wall seconds, between this peer's first and last steady round
+        seen = [by_round[r] for r in [steady[0] - 1, *steady] if r in by_round]
+        if len(seen) >= 2:
+            util.append((seen[-1]["train_s_total"] - seen[0]["train_s_total"]) / (seen[-1]["_t"] - seen[0]["_t"]))
     bytes_moved = max(statistics.fmean(recv), statistics.fmean(sent))
     bound = bytes_moved * 8 / (rate * 1e6)
     round_s = statistics.median(times)
     return {"steady_rounds": len(steady), "round_s": round_s,
             "parts_s": {PART_NAMES[p]: statistics.median(v) if v else None for p, v in parts.items()},
             "received": statistics.fmean(recv), "sent": statistics.fmean(sent), "bound_s": bound,
-            "ratio": round_s / bound, "utilization": statistics.fmean(util), "utilization_min": min(util)}
+            "ratio": round_s / bound, "utilization": statistics.fmean(util) if util else 0.0,
+            "utilization_min": min(util) if util else 0.0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--models", nargs="+", choices=["tiny", "vit-s"], default=["tiny", "vit-s"])
+    ap.add_argument("--schedules", nargs="+", choices=["sync", "pipelined"], default=["sync", "pipelined"],
+                    help="the peers' --schedule, each run side by side")
     args = parse(ap, argv)
     if args.quick:
         args.rates, args.rounds, args.models = [20.0], 4, ["tiny"]
@@ -120,27 +129,29 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for model in args.models:
         for rate in args.rates:
-            print(f"{model} at {rate:g} Mbit/s ...", flush=True)
-            with tempfile.TemporaryDirectory(prefix="lab-rounds-") as tmp:
-                try:
-                    run = run_once(model, rate, args.rtt, args.peers, args.rounds, Path(tmp))
-                    results.append({"model": model, "rate_mbit": rate, **summarize(run, args.peers, rate)})
-                except AssertionError as err:  # a run that did not finish: say why in the table, go on
-                    results.append({"model": model, "rate_mbit": rate, "failed": str(err).splitlines()[0]})
+            for schedule in args.schedules:
+                print(f"{model} at {rate:g} Mbit/s, {schedule} ...", flush=True)
+                case = {"model": model, "rate_mbit": rate, "schedule": schedule}
+                with tempfile.TemporaryDirectory(prefix="lab-rounds-") as tmp:
+                    try:
+                        run = run_once(model, rate, args.rtt, args.peers, args.rounds, Path(tmp), schedule)
+                        results.append({**case, **summarize(run, args.peers, rate)})
+                    except AssertionError as err:  # a run that did not finish: say why in the table, go on
+                        results.append({**case, "failed": str(err).splitlines()[0]})
             write_json(args.out_dir, "lab_rounds", {"partial": True, "results": results})
     rows = []
     for r in results:
         if "round_s" not in r:
             why = r.get("failed") or f"only {r['steady_rounds']} steady rounds"
-            rows.append([r["model"], f"{r['rate_mbit']:g}", why] + [""] * 8)
+            rows.append([r["model"], f"{r['rate_mbit']:g}", r["schedule"], why] + [""] * 8)
             continue
         p = r["parts_s"]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        rows.append([r["model"], f"{r['rate_mbit']:g}", f"{r['round_s']:.2f}", fmt(p["train"]), fmt(p["agree"]),
+        rows.append([r["model"], f"{r['rate_mbit']:g}", r["schedule"], f"{r['round_s']:.2f}", fmt(p["train"]), fmt(p["agree"]),
                      fmt(p["commit"]), fmt(p["merge"]), f"{r['received'] / 2**20:.2f} / {r['sent'] / 2**20:.2f}",
                      f"{r['bound_s']:.2f}", f"{r['ratio']:.1f}",
                      f"{r['utilization']:.2f} (min {r['utilization_min']:.2f})"])
-    text = table(["model", "Mbit/s", "round s (median)", "train s", "agree s", "commit s", "merge s",
+    text = table(["model", "Mbit/s", "schedule", "round s (median)", "train s", "agree s", "commit s", "merge s",
                   "MiB recv / sent per peer", "bound s", "round / bound", "utilization"], rows)
     write_json(args.out_dir, "lab_rounds", {"machine": machine("cpu"), "rtt_ms": args.rtt, "peers": args.peers,
                                              "rounds": args.rounds, "quick": args.quick, "results": results,

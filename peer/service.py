@@ -53,7 +53,12 @@ MAX_FOLLOWED = 3
 STALE_BASE_S = 5.0
 # A pipelined peer announces its snapshot this long before its round closes (plus its upload time in client mode):
 # matchmaking must find the round's group before it closes.
-LEAD_S = 1.0  # how long a base record older than our base is read again before we believe it
+LEAD_S = 1.0
+# A pipelined peer contributes at least T steps (lte.merge_every) and trains at most MAX_ROUND_STEPS x T steps past
+# its last snapshot: contributions of comparable size (the norm bound compares them: lte/validate.py), and a learning
+# rate schedule that no peer runs through while a long round is in flight. Where rounds take longer than that (a
+# slow link, or a --round-seconds far above the fleet's T-step time) the peer waits: the network is the bottleneck.
+MAX_ROUND_STEPS = 4  # how long a base record older than our base is read again before we believe it
 # float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
 # was accepted by the coordinator's own computation
 NORM_TOLERANCE = 1e-9
@@ -73,7 +78,8 @@ class Landing:
     mean_loss: float | None
     sent: str | None = None
     seconds: float = 0.0  # fetching and merging it
-    snapshot: Snapshot | None = None  # what the base accounts for of our head, when it merged us (pipelined)
+    snapshot: Snapshot | None = None  # our snapshot, merged or rejected: its progress leaves our head (pipelined)
+    snapshot_f: str | None = None  # the blob of its factors: our V from now on
 
 
 class Flight:
@@ -624,10 +630,12 @@ class Peer:
         k, commit, state, data = landing.k, landing.commit, landing.state, landing.data
         members = commit["members"]
         t_set = time.perf_counter()
-        self._set_base(state, k + 1, landing.sent, keep_progress=keep_progress, snapshot=snapshot)
+        self._set_base(state, k + 1, landing.snapshot_f if snapshot is not None else landing.sent,
+                       keep_progress=keep_progress, snapshot=snapshot)
         contributed = members[self.peer_id]["n"] if landing.sent is not None else 0
+        settled = int(snapshot.samples) if snapshot is not None else 0  # what left our head (pipelined)
         self.metrics.merged(k + 1, len(members), contributed=landing.sent is not None,
-                            samples=contributed if snapshot is not None or keep_progress else None)
+                            samples=settled if snapshot is not None or keep_progress else None)
         h = self.base_hash = hashlib.sha256(data).hexdigest()
         # Where a round's time goes on this peer, after the commit: fetch and merge, load the base, hash it.
         parts = {"fetch_merge": landing.seconds, "set_base": time.perf_counter() - t_set}
@@ -646,7 +654,8 @@ class Peer:
         self.log({"event": "round", "round": k + 1, "merged": self.peer_id in members, "peers": len(members),
                   "followed": landing.mean_loss is None, "latency_s": get_dht_time() - landing.close, "apply_s": parts,
                   "samples": contributed, "loss": landing.mean_loss, "base_hash": h, "bytes_received": received,
-                  "bytes_sent_total": dict(self.blobs.traffic.sent), "train_s_total": self.trained_seconds})
+                  "bytes_sent_total": dict(self.blobs.traffic.sent), "train_s_total": self.trained_seconds,
+                  "steps_total": self.trainer.steps})
         self.blobs.store.drop_rounds_before(k - 1)
         return True
 
@@ -749,8 +758,11 @@ class Peer:
         with tqdm(desc="training", unit="step", disable=not self.opts.progress, dynamic_ncols=True) as bar:
             while self.opts.max_rounds is None or merged < self.opts.max_rounds:
                 try:
-                    self._step()
-                    bar.update()
+                    if self.steps_since_sent < MAX_ROUND_STEPS * T:
+                        self._step()
+                        bar.update()
+                    else:  # a long round: wait for it rather than run ahead of the run (MAX_ROUND_STEPS)
+                        time.sleep(0.02)
                     # lockstep lands exactly T steps after its snapshot, pipelined as soon as the merge is ready
                     if flight is not None and (self.steps_since_sent >= T if lockstep else flight.done()):
                         landed = self._land(flight)
@@ -802,7 +814,8 @@ class Peer:
                 return None
         elif now < close - (LEAD_S + 1.2 * self.push_seconds):
             return None
-        if now >= close or not self.samples:  # the round closes without us: follow it, training on
+        if now >= close or self.samples < self.spec.lte.merge_every * self.trainer.batch_size:
+            # the round closes without us (too late, or fewer than T steps to give): follow it, training on
             return Flight(k, None, lambda: self._fly(k, close, None))
         sent = self._announce(k)
         self.announced = (k, (self.announced[1] if self.announced[0] == k else []) + [sent])
@@ -830,13 +843,14 @@ class Peer:
             return None
         self.open_rec = rec
         publish(self.dht, alive_key(self.run), {"t": self.cycle_seconds()}, ttl=60, subkey=self.peer_id, wait=False)
+        self._phase("train", self.round)  # on the base of round k until our snapshot: what fault tests signal on
         return rec
 
     def _fly(self, k: int, close: float, sent: Digest | None) -> Landing | None:
         """Round k beside training: upload (client mode), agree, prefetch, wait for the commit, fetch and merge.
         Returns the merged base to adopt, or None when no commit for round k came."""
-        before = dict(self.blobs.traffic.received)
         self._serve_checkpoint()
+        before = dict(self.blobs.traffic.received)  # the round's bytes (the checkpoint's are not)
         gathered: dict[str, Any] = {}
         if sent is not None:
             self._push(sent)
@@ -863,11 +877,15 @@ class Peer:
         t0 = time.perf_counter()
         state = self._merged_state(k, commit, sent.f if ours else None, exchange=self.peer_id in gathered)
         snapshot = None
-        if ours is not None:  # what the base now accounts for of our head: the decoded bytes we announced
+        # Merged, the base now accounts for our snapshot: the decoded bytes we announced. Rejected, the snapshot's
+        # progress is dropped all the same (as a synchronous peer drops it), so that it is not sent again; only what
+        # we trained since stays. Left out for any other reason (no group, too late), all our progress stays.
+        if ours is not None or (sent is not None and self.peer_id in commit.get("rejected", {})):
             snapshot = Snapshot(self.trainer.model.head_ids[0], sent.n, local_factors(self.blobs, self.layout, sent.f),
                                 {}, unpack_replicas(self.layout, self.blobs.store.tensors(sent.r)))
         return Landing(k, commit, state, state_bytes(state), close, before, sent.loss if sent else None,
-                       sent=sent.f if ours else None, seconds=time.perf_counter() - t0, snapshot=snapshot)
+                       sent=sent.f if ours else None, seconds=time.perf_counter() - t0, snapshot=snapshot,
+                       snapshot_f=sent.f if snapshot is not None else None)
 
     def _land(self, flight: Flight) -> bool:
         """Adopt the round in flight (waiting for it if it is not done). Returns whether a commit was merged."""
