@@ -5,7 +5,8 @@ side by side in one run of this script, on loopback.
                                                [--seeds 0] [--quick]
 
 Each case runs the real `lte-coordinator` and N `lte-peer` processes (one torch thread each) on 127.0.0.1 with the
-test suite's digits ViT (T = 20 local steps), for --rounds rounds; with --slow F, each schedule also runs with the
+test suite's digits ViT at T = --T local steps (default 250: a round's training lasts seconds, longer than its
+communication on loopback), for --rounds rounds; with --slow F, each schedule also runs with the
 last peer F times slower (tests/slowpeer.py sleeps (F - 1) x each step's time after it). Per peer:
 - utilization: seconds inside training steps (the `train_s_total` of its round events) / wall seconds, between its
   first and its last round event after round 2 (joining and the first windows are not steady state);
@@ -31,12 +32,20 @@ from netproc import SMALL_SPEC, Network  # noqa: E402
 STEADY_FROM = 2  # rounds before this one hold the join (base download, first windows)
 
 
-def run_once(schedule: str, peers: int, rounds: int, slow: float, seed: int, workdir: Path) -> dict[str, Any]:
-    """One run: every process's events, and each peer's batch."""
+def spec_text(T: int, seed: int) -> str:
+    """The test suite's digits ViT with T local steps per round, and a schedule long enough for any run here."""
+    spec = yaml.safe_load(SMALL_SPEC)
+    spec["seed"], spec["lte"]["merge_every"], spec["optim"]["steps"] = seed, T, max(1500, 40 * T)
+    return yaml.safe_dump(spec)
+
+
+def run_once(schedule: str, peers: int, rounds: int, slow: float, seed: int, T: int, round_s: float,
+             workdir: Path) -> dict[str, Any]:
+    """One run: every process's events."""
     spec = workdir / "spec.yaml"
-    spec.write_text(SMALL_SPEC.replace("seed: 0", f"seed: {seed}") if seed else SMALL_SPEC)
+    spec.write_text(spec_text(T, seed))
     with Network(workdir / "logs") as net:
-        coord, join = net.coordinator(spec, workdir / "ck", "--round-seconds", "2", "--fetch-timeout", "10",
+        coord, join = net.coordinator(spec, workdir / "ck", "--round-seconds", str(round_s), "--fetch-timeout", "10",
                                       "--checkpoint-every", "1000", "--max-rounds", str(rounds), "--min-peers", "2",
                                       "--eval-every", str(rounds), "--score-size", "0")
         procs = []
@@ -55,7 +64,7 @@ def run_once(schedule: str, peers: int, rounds: int, slow: float, seed: int, wor
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
     coord = [e for e in run["coordinator"] if e.get("event") == "round"]
     spec = yaml.safe_load(SMALL_SPEC)
-    batch = spec["data"]["batch_size"] // spec["lte"]["heads"]
+    batch = spec["data"]["batch_size"] // spec["lte"]["heads"]  # --T changes neither
     per_peer = {}
     for name, events in run["peers"].items():
         mine = [e for e in events if e.get("event") == "round" and e["round"] >= STEADY_FROM]
@@ -79,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                                                              "(1: not)")
     ap.add_argument("--schedules", nargs="+", choices=["sync", "pipelined", "lockstep"], default=["sync", "pipelined"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--T", type=int, default=250, help="local steps per round (lte.merge_every): 250 makes a round's "
+                                                        "training on this model last seconds, longer than its bytes")
+    ap.add_argument("--round-seconds", type=float, default=1.0, help="the coordinator's shortest window")
     args = parse(ap, argv)
     if args.quick:
         args.rounds, args.slow = 6, 1.0
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         for schedule, slow in cases:  # schedules side by side, so that both see the same machine load
             print(f"{schedule}, slow peer x{slow:g}, seed {seed} ...", flush=True)
             with tempfile.TemporaryDirectory(prefix="utilization-") as tmp:
-                run = run_once(schedule, args.peers, args.rounds, slow, seed, Path(tmp))
+                run = run_once(schedule, args.peers, args.rounds, slow, seed, args.T, args.round_seconds, Path(tmp))
             results.append({"schedule": schedule, "slow": slow, "seed": seed,
                             **summarize(run)})
             write_json(args.out_dir, "utilization", {"partial": True, "results": results})
