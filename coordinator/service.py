@@ -32,7 +32,7 @@ from lte.models import check_fits, create_base_model
 from lte.net import GroupNotFound, NetworkError
 from lte.net.access import unlisted
 from lte.net.blobs import BlobService
-from lte.net.membership import Membership
+from lte.net.membership import AGREE_GRACE_S, Membership
 from lte.net.metrics import fetch_failure_reason
 from lte.net.node import shutdown_node, start_dht, visible_maddrs
 from lte.net.procs import signals_deferred
@@ -437,7 +437,7 @@ class Coordinator:
 
     def drain(self, timeout: float) -> None:
         """After `finish`, stay up (at most `timeout` s) until every member of the last commit has merged it (each
-        publishes its base hash for the final round), then for one more round window, sized for the slowest live
+        publishes its base hash for the final round), then for one more round window (and AGREE_GRACE_S), sized for the slowest live
         peer (a straggler sets no round's pace, but it must read that the run is over).
 
         Peers fetch client-mode members' blobs, and a vanished member's, from the coordinator only: leaving right
@@ -450,7 +450,8 @@ class Coordinator:
             if members <= set(read_base_hashes(self.dht, self.run, self.round)):
                 break
             time.sleep(0.5)
-        time.sleep(max(0.0, min(self.window([], everyone=True), deadline - time.monotonic())))
+        # plus the matchmaking grace: a peer whose search for the last round's group outlives it reads the record then
+        time.sleep(max(0.0, min(self.window([], everyone=True) + AGREE_GRACE_S + 1.0, deadline - time.monotonic())))
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current round (coordinator/checkpoints.py: atomic, signed, retention) and serve it."""

@@ -28,7 +28,7 @@ from lte.net import GroupNotFound, NetworkError
 from lte.net.access import unlisted
 from lte.net.blobs import BlobService
 from lte.net.node import announceable
-from lte.net.membership import Membership
+from lte.net.membership import AGREE_GRACE_S, Membership
 from lte.net.node import reconnect, shutdown_node, start_dht, visible_maddrs
 from lte.net.records import owner_bound_to, publish, publish_base_hash, read_signed, read_signed_all
 from lte.merge import merge_contributions
@@ -52,8 +52,9 @@ RETRY_S = 60.0
 MAX_FOLLOWED = 3
 STALE_BASE_S = 5.0
 # A pipelined peer announces its snapshot this long before its round closes (plus its upload time in client mode):
-# matchmaking must find the round's group before it closes.
-LEAD_S = 1.0
+# matchmaking must find the round's group before it closes. Announcing early costs no training (the peer trains on),
+# only a few steps move to its next contribution; at 1 s an honest peer on a loaded 2-core machine missed a group.
+LEAD_S = 2.0
 # A pipelined peer contributes at least T steps (lte.merge_every) and trains at most MAX_ROUND_STEPS x T steps past
 # its last snapshot: contributions of comparable size (the norm bound and the loss scoring compare them; at 4 T the
 # test model's honest heads overfit their shards and scored below the scoring floor), and a learning-rate schedule
@@ -164,6 +165,7 @@ class Peer:
         self.metrics = metrics or PeerMetrics()
         self.dht = self.blobs = self.members = None
         self.last_flight: Flight | None = None  # for close() only: the training loop owns the round in flight
+        self.run_over = False  # a base record we read said the run is finished
         try:
             self.dht = start_dht([opts.dht], host=opts.host, port=opts.port, client_mode=opts.client_mode,
                                  announce_maddrs=list(opts.announce_maddrs) or None, identity_path=opts.identity,
@@ -278,6 +280,9 @@ class Peer:
             rec = read_signed(self.dht, base_key(self.run), self.owner)
             if rec is None or not isinstance(rec.value, dict):
                 raise NetworkError("the coordinator's base record is not readable")
+            # Remembered: once the coordinator has left, a DHT read may return an older copy of the record (a
+            # client-mode peer reads its own cache), and a peer that missed the end kept following a closed round.
+            self.run_over = self.run_over or bool(rec.value.get("finished"))
             if int(rec.value.get("round", -1)) >= self.round or time.monotonic() >= deadline:
                 return rec.value
             time.sleep(0.2)
@@ -339,7 +344,8 @@ class Peer:
                 sent_sha = self._put_own_factors(round_id)
             model.load_base(state, local_factors(self.blobs, self.layout, sent_sha) if sent_sha else None)
             self.prev_sha = sent_sha
-        self.round, self.samples, self.losses = round_id, 0, []
+        # progress dropped: the pipelined cap on steps per contribution (MAX_ROUND_STEPS) counts from here
+        self.round, self.samples, self.losses, self.steps_since_sent = round_id, 0, [], 0
 
     # ----- rounds -------------------------------------------------------------------------------------------
     def train_round(self) -> None:
@@ -370,7 +376,7 @@ class Peer:
         now = get_dht_time()
         self._phase("agree", k)
         try:
-            gathered = self.members.agree(k, announced.to_dict(), deadline_s=max(1.0, close - now) + 3.0,
+            gathered = self.members.agree(k, announced.to_dict(), deadline_s=max(1.0, close - now) + AGREE_GRACE_S,
                                           min_size=int(rec.get("min_size", 2)), scheduled_time=max(close, now + 0.5))
         except GroupNotFound:
             gathered = {}
@@ -477,6 +483,8 @@ class Peer:
         node that did not answer once, after which it reads only its own stale copies of the records (a peer whose
         link was down for 30 s followed a round that had long closed, again and again, and never learnt of newer
         ones)."""
+        if self.run_over:
+            raise RunFinished()
         reconnect(self.dht, self.opts.dht)
         rec = self._base_record()
         if int(rec["round"]) > k and self.samples and not self.spec.lte.reset:
@@ -723,6 +731,8 @@ class Peer:
             if (rec is not None and isinstance(rec.value, dict) and rec.value.get("round") == k
                     and rec.value.get("epoch") == base.get("epoch")):
                 return rec.value
+            if self.run_over:  # the last round's commit is published before the record that ends the run
+                return None
             if time.monotonic() > check_base_at:
                 now = self._base_record()
                 if (now.get("epoch") != base.get("epoch") or now.get("finished")
@@ -869,7 +879,7 @@ class Peer:
             self._phase("agree", k)
             now = get_dht_time()
             try:
-                gathered = self.members.agree(k, sent.to_dict(), deadline_s=max(1.0, close - now) + 3.0,
+                gathered = self.members.agree(k, sent.to_dict(), deadline_s=max(1.0, close - now) + AGREE_GRACE_S,
                                               min_size=int(self.open_rec.get("min_size", 2)),
                                               scheduled_time=max(close, now + 0.5))
             except GroupNotFound:

@@ -65,11 +65,12 @@ def test_a_peer_four_times_slower_delays_no_round_and_still_contributes(tmp_path
     assert len(slow.of("resync")) == 1, slow.of("resync")
     followed = [e for e in slow.of("phase") if e["phase"] == "follow" and e.get("training")]
     assert followed, "the slow peer never followed a round while training"
-    # Rounds do not wait for it: they come faster than it trains T steps (the old window, 1.5 x the slowest cycle
-    # + 1 s, was longer than that).
+    # Rounds do not wait for it: they come faster than the window it would set (the old one, 1.5 x the slowest
+    # cycle + 1 s). Not "faster than its T steps": on 2 loaded cores the fast peers share the CPU and the slow one,
+    # asleep 3/4 of the time, is then only about 1.5x slower than they are (CI: rounds every 10.8 s, its T steps 9.9 s).
     times = [rounds[r]["_t"] for r in sorted(rounds)]
     interval = statistics.median(b - a for a, b in zip(times, times[1:]))
     first, last = slow.of("round")[0], slow.of("round")[-1]  # its time inside steps, per step, from its own clock
     slow_t = T * (last["train_s_total"] - first["train_s_total"]) / (last["steps_total"] - first["steps_total"])
-    assert interval < slow_t, f"rounds every {interval:.1f} s, the slow peer's T steps take {slow_t:.1f} s"
+    assert interval < 1.5 * slow_t + 1.0, f"rounds every {interval:.1f} s, the slow peer's T steps take {slow_t:.1f} s"
     print(f"rounds every {interval:.1f} s (median); slow peer T steps {slow_t:.1f} s; slow merged in {slow_rounds}")

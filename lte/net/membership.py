@@ -35,7 +35,12 @@ from hivemind.utils import MPFuture, MSGPackSerializer, get_dht_time
 from lte.net.errors import GroupNotFound, NetworkError, one_line
 from lte.net.procs import forget_at_exit, prepare_hivemind_child, stop_at_exit
 
-__all__ = ["MAX_DIGEST_BYTES", "Membership", "round_bits"]
+__all__ = ["AGREE_GRACE_S", "MAX_DIGEST_BYTES", "Membership", "round_bits"]
+
+# How long a peer's matchmaking goes on past its round's close: clocks and DHT reads differ by a few hundred ms, and a
+# peer that gave up at the close missed groups its slower fellows were still forming. The coordinator stays this much
+# longer at the end of a run, so that a peer whose search outlives the last round can still read that the run is over.
+AGREE_GRACE_S = 3.0
 
 # gather payloads above ~0.15 MB hang hivemind's averager (non-blocking pipe); digests are meant to be tiny.
 MAX_DIGEST_BYTES = 10_000
