@@ -50,7 +50,7 @@ RETRY_S = 60.0
 # At most this many rounds that went by are followed commit by commit, keeping our progress (the coordinator keeps
 # members' blobs about as long: coordinator.service.ROUNDS_KEPT); a longer gap is closed with one base download.
 MAX_FOLLOWED = 3
-STALE_BASE_S = 5.0
+STALE_BASE_S = 5.0  # how long a base record older than our base is read again before we believe it
 # A pipelined peer announces its snapshot this long before its round closes (plus its upload time in client mode):
 # matchmaking must find the round's group before it closes. Announcing early costs no training (the peer trains on),
 # only a few steps move to its next contribution; at 1 s an honest peer on a loaded 2-core machine missed a group.
@@ -64,7 +64,7 @@ MAX_ROUND_STEPS = 2
 # How long a leaving peer lets the round in flight end once its node is down (its network calls then fail at once):
 # interpreter shutdown under a thread still inside torch aborts the process ("terminate called without an active
 # exception", exit -6 instead of the SIGTERM's 143; CI's churn test).
-FLIGHT_EXIT_S = 5.0  # how long a base record older than our base is read again before we believe it
+FLIGHT_EXIT_S = 5.0
 # float64 sums over the same bytes may differ in the last bits between machines; a norm this close to the bound
 # was accepted by the coordinator's own computation
 NORM_TOLERANCE = 1e-9
@@ -520,8 +520,12 @@ class Peer:
         0 (unknown) until T steps were timed: a joining peer's merge alone would pull the fleet's median down."""
         if not self.train_seconds:
             return 0.0
-        # pipelined, the merge runs beside training: the fleet's pace is its training (and upload) alone
-        return (0.0 if self.pipelined else self.apply_seconds) + self.train_seconds + self.push_seconds
+        if self.pipelined:
+            # The merge runs beside training, but the next announcement needs both: T steps since the snapshot, and
+            # the commit fetched and merged. Counting the training alone gave 2-s windows that a peer merging for
+            # 1-3 s on a loaded machine entered with under a second left, and it missed groups (CI).
+            return max(self.train_seconds, self.apply_seconds) + self.push_seconds
+        return self.apply_seconds + self.train_seconds + self.push_seconds
 
     def _open_round(self) -> dict[str, Any] | None:
         """The base record if round `self.round` is still open to us; None after catching up with a newer base."""
@@ -920,7 +924,9 @@ class Peer:
         if landing is None:  # no commit for round k: no group formed, or the coordinator restarted
             self._resync_unless_holding(flight.k)
             return False
-        return self._adopt(landing, keep_progress=landing.snapshot is None, snapshot=landing.snapshot)
+        landed = self._adopt(landing, keep_progress=landing.snapshot is None, snapshot=landing.snapshot)
+        self.apply_seconds = landing.seconds
+        return landed
 
     def _recover(self, err: NetworkError, failing_since: float | None) -> bool:
         """After a failed round: retry from a fresh base download for up to RETRY_S (re-raising after that).
