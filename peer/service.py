@@ -58,9 +58,11 @@ LEAD_S = 2.0
 # A pipelined peer contributes at least T steps (lte.merge_every) and trains at most MAX_ROUND_STEPS x T steps past
 # its last snapshot: contributions of comparable size (the norm bound and the loss scoring compare them; at 4 T the
 # test model's honest heads overfit their shards and scored below the scoring floor), and a learning-rate schedule
-# that no peer runs through while a long round is in flight. Where rounds take longer than 2 T steps (a slow link,
-# or a --round-seconds far above the fleet's T-step time) the peer waits: the network is then the bottleneck.
-MAX_ROUND_STEPS = 2
+# that no peer runs through while a long round is in flight. Rounds last about 1.5 x the fleet's longest cycle + 1 s
+# (coordinator.service.round_window) plus the commit: at 2 T the peers of a loopback run idled 30 % of every round
+# (benchmarks/utilization.py). Where rounds take longer than 3 T steps (a slow link, or a --round-seconds far above
+# the fleet's T-step time) the peer waits: the network is then the bottleneck.
+MAX_ROUND_STEPS = 3
 # How long a leaving peer lets the round in flight end once its node is down (its network calls then fail at once):
 # interpreter shutdown under a thread still inside torch aborts the process ("terminate called without an active
 # exception", exit -6 instead of the SIGTERM's 143; CI's churn test).
@@ -820,7 +822,10 @@ class Peer:
             self.timed_steps + 1
         self.losses.append(loss)
         self.trained_seconds += dt
-        self.step_seconds = dt if self.timed_steps == 1 else 0.9 * self.step_seconds + 0.1 * dt
+        # an average over about T steps (the EMA's 2 / (T + 1)): the coordinator sizes windows from the largest cycle
+        # the fleet reports, and a 10-step average on a contended machine swung 3x between rounds, widening them all
+        w = 2.0 / (self.spec.lte.merge_every + 1)
+        self.step_seconds = dt if self.timed_steps == 1 else (1 - w) * self.step_seconds + w * dt
         if self.timed_steps >= self.spec.lte.merge_every:  # announced only once T steps were timed (cycle_seconds)
             self.train_seconds = self.spec.lte.merge_every * self.step_seconds
         self.metrics.trained(n, 1, self.step_seconds, loss)
@@ -880,7 +885,7 @@ class Peer:
         gathered: dict[str, Any] = {}
         if sent is not None:
             self._push(sent)
-            self._phase("agree", k)
+            self._phase("agree", k, cycle_s=round(sent.t, 3), step_s=round(self.step_seconds, 4))
             now = get_dht_time()
             try:
                 gathered = self.members.agree(k, sent.to_dict(), deadline_s=max(1.0, close - now) + AGREE_GRACE_S,

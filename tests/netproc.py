@@ -464,6 +464,8 @@ def nothing_left_behind():
     time.sleep(1.0)
     left = [p for p in psutil.Process().children(recursive=True) if (p.pid, p.create_time()) not in before
             and p.status() != psutil.STATUS_ZOMBIE]
+    # torch's shared-memory manager exits by itself once its last client is gone, which can take a few seconds
+    left = psutil.wait_procs(left, timeout=10.0)[1]
     for p in left:
         p.kill()
     assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"
