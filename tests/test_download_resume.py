@@ -77,7 +77,7 @@ def story(tmp_path_factory) -> Story:
     t0 = time.monotonic()
     with Network(wd / "logs") as net:
         new_identity(wd / "p0.id")
-        peer = net.peer("p0", None, "0/1", "--identity", str(wd / "p0.id"))
+        peer = net.peer("p0", None, "0/1", "--identity", str(wd / "p0.id"), "--schedule", "pipelined")
         coord, join = net.coordinator(spec, ck, *CKPT, *FAST)
         net.release(peer, join)
         s = Story(wd, ck, join, first=coord, peer=peer)

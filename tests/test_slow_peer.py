@@ -37,10 +37,10 @@ def test_a_peer_four_times_slower_delays_no_round_and_still_contributes(tmp_path
     with Network(tmp_path / "logs") as net:
         coord, join = net.coordinator(spec, tmp_path / "ck", "--max-rounds", str(ROUNDS), "--round-seconds", "2",
                                       "--fetch-timeout", "5", "--score-size", "0", "--checkpoint-every", "1000")
-        fast = [net.peer(f"p{i}", join, f"{i}/3") for i in range(2)]
+        fast = [net.peer(f"p{i}", join, f"{i}/3", "--schedule", "pipelined") for i in range(2)]
         slow = net.start("slow", ["tests/slowpeer.py", str(SLOWER), "join", "--dht", join, "--shard", "2/3",
                                   "--threads", "1", "--no-progress", "--json", "--name", "slow",
-                                  "--host", "127.0.0.1"])
+                                  "--host", "127.0.0.1", "--schedule", "pipelined"])
         peers = [*fast, slow]
         net.wait_for(coord, lambda e: e.get("event") == "done", 360, "the end of the run")
         for p in peers:
