@@ -728,12 +728,18 @@ class Peer:
         except NetworkError:
             return False
 
-    def _wait_commit(self, k: int, until_close_s: float = 0.0) -> dict[str, Any] | None:
+    def _wait_commit(self, k: int, until_close_s: float = 0.0,
+                     opened: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Round k's commit, or None once none can come. `opened`: the base record the round was joined on (a
+        pipelined flight); without it, the record as read now."""
         deadline = time.monotonic() + max(0.0, until_close_s) + self.fetch_timeout + 10.0
         # A coordinator resumed from an older checkpoint commits round k again: only its current life's commit counts.
         # And once the base record shows a new life, or a new window for round k, no commit is coming for ours.
-        base = self._base_record()
-        check_base_at = time.monotonic() + 2.0
+        # Compared with the record the round was joined on, at once: read after a failed agreement, the record
+        # already holds the new window, and a flight that waited for the one after it arrived too late for every
+        # window (a 3-peer lab run formed no group in 6 minutes).
+        base = opened if opened is not None else self._base_record()
+        check_base_at = time.monotonic() + (0.0 if opened is not None else 2.0)
         while time.monotonic() < deadline:
             rec = read_signed(self.dht, commit_key(self.run, k), self.owner)
             if (rec is not None and isinstance(rec.value, dict) and rec.value.get("round") == k
@@ -847,12 +853,12 @@ class Peer:
             return None
         if now >= close or self.samples < self.spec.lte.merge_every * self.trainer.batch_size:
             # the round closes without us (too late, or fewer than T steps to give): follow it, training on
-            self.last_flight = Flight(k, None, lambda: self._fly(k, close, None))
+            self.last_flight = Flight(k, None, lambda: self._fly(k, rec, None))
             return self.last_flight
         sent = self._announce(k)
         self.announced = (k, (self.announced[1] if self.announced[0] == k else []) + [sent])
         self.steps_since_sent, self.sent_losses = 0, len(self.losses)
-        self.last_flight = Flight(k, sent, lambda: self._fly(k, close, sent))
+        self.last_flight = Flight(k, sent, lambda: self._fly(k, rec, sent))
         return self.last_flight
 
     def _open_record(self) -> dict[str, Any] | None:
@@ -879,9 +885,11 @@ class Peer:
         self._phase("train", self.round)  # on the base of round k until our snapshot: what fault tests signal on
         return rec
 
-    def _fly(self, k: int, close: float, sent: Digest | None) -> Landing | None:
+    def _fly(self, k: int, rec: dict[str, Any], sent: Digest | None) -> Landing | None:
         """Round k beside training: upload (client mode), agree, prefetch, wait for the commit, fetch and merge.
-        Returns the merged base to adopt, or None when no commit for round k came."""
+        Returns the merged base to adopt, or None when no commit for round k came. `rec`: the base record it took
+        off on (round k's window)."""
+        close = float(rec["close"])
         self._serve_checkpoint()
         before = dict(self.blobs.traffic.received)  # the round's bytes (the checkpoint's are not)
         gathered: dict[str, Any] = {}
@@ -891,7 +899,7 @@ class Peer:
             now = get_dht_time()
             try:
                 gathered = self.members.agree(k, sent.to_dict(), deadline_s=max(1.0, close - now) + AGREE_GRACE_S,
-                                              min_size=int(self.open_rec.get("min_size", 2)),
+                                              min_size=int(rec.get("min_size", 2)),
                                               scheduled_time=max(close, now + 0.5))
             except GroupNotFound:
                 pass  # the commit may still merge us (a group can close without our matchmaking hearing of it)
@@ -900,7 +908,7 @@ class Peer:
                 self._prefetch(k, gathered, sent)
         else:
             self._phase("follow", k, training=True)
-        commit = self._wait_commit(k, close - get_dht_time())
+        commit = self._wait_commit(k, close - get_dht_time(), opened=rec)
         if commit is None:
             return None
         ours = commit["members"].get(self.peer_id)
