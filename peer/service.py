@@ -141,7 +141,8 @@ class PeerOptions:
     progress: bool = True
     join_timeout: float = 30.0
     # "sync" (train, then wait for the round), "pipelined" (train on while rounds are merged: not yet the default, a
-    # 3-peer lab run at 50 ms RTT once formed no group in 6 minutes) or "lockstep" (deterministic, for replays)
+    # 3-peer lab run at 50 ms RTT once formed no group in 6 minutes: fixed in Peer._fly, to be made the default once
+    # a full CI passes on it) or "lockstep" (deterministic, for replays)
     schedule: str = "sync"
 
 
