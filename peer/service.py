@@ -884,6 +884,9 @@ class Peer:
         self.open_rec = rec
         publish(self.dht, alive_key(self.run), {"t": self.cycle_seconds()}, ttl=60, subkey=self.peer_id, wait=False)
         self._phase("train", self.round)  # on the base of round k until our snapshot: what fault tests signal on
+        # here and at take-off (_fly): a checkpoint is listed a moment after its commit, and one served a few rounds
+        # late may already be retired from the list, so nobody could download it from us when the coordinator is gone
+        self._serve_checkpoint()
         return rec
 
     def _fly(self, k: int, rec: dict[str, Any], sent: Digest | None) -> Landing | None:
