@@ -88,9 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="serve Prometheus metrics on this port of --host (0: any free port)")
     j.add_argument("--identity", help="file that keeps this peer's id stable (created if missing)")
     j.add_argument("--threads", type=int_in(1), help="CPU threads for torch (default: torch's choice)")
-    j.add_argument("--schedule", choices=["pipelined", "lockstep", "sync"], default="sync",
-                   help="sync: train T steps, then wait for the round (default); pipelined: train on while rounds "
-                        "are merged; lockstep: a snapshot every T steps, each round merged just before the next "
+    j.add_argument("--schedule", choices=["pipelined", "lockstep", "sync"], default="pipelined",
+                   help="pipelined: train on while rounds are merged (default); sync: train T steps, then wait for "
+                        "the round; lockstep: a snapshot every T steps, each round merged just before the next "
                         "(deterministic: replays, benchmarks)")
     j.add_argument("--no-progress", action="store_true")
     j.add_argument("--json", action="store_true", help="print one JSON object per event")

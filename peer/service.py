@@ -140,10 +140,9 @@ class PeerOptions:
     upnp: bool = False
     progress: bool = True
     join_timeout: float = 30.0
-    # "sync" (train, then wait for the round), "pipelined" (train on while rounds are merged: not yet the default, a
-    # 3-peer lab run at 50 ms RTT once formed no group in 6 minutes: fixed in Peer._fly, to be made the default once
-    # a full CI passes on it) or "lockstep" (deterministic, for replays)
-    schedule: str = "sync"
+    # "pipelined" (train on while rounds are merged), "sync" (train T steps, then wait for the round: runs with
+    # lte.reset always use it) or "lockstep" (deterministic, for replays)
+    schedule: str = "pipelined"
 
 
 def find_run(dht: Any, coordinator: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
