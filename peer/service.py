@@ -7,6 +7,7 @@ differs, it downloads the current base from the coordinator and drops its unmerg
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -771,8 +772,7 @@ class Peer:
                     merged += self.join_round()
                 failing_since = None
             except RunFinished:
-                self.log({"event": "finished", "round": self.round})
-                return
+                return self._end_of_run(None)
             except NetworkError as err:
                 if self._recover(err, failing_since):
                     return
@@ -806,13 +806,28 @@ class Peer:
                     if flight is None:
                         flight = self._take_off(lockstep)
                 except RunFinished:
-                    self.log({"event": "finished", "round": self.round})
-                    return
+                    return self._end_of_run(flight)
                 except NetworkError as err:
                     flight = None  # whatever it was doing: the resync below replaces the base it would land on
                     if self._recover(err, failing_since):
                         return
                     failing_since = failing_since or time.monotonic()
+
+    def _end_of_run(self, flight: Flight | None) -> None:
+        """The coordinator ended the run: land the round in flight and follow the commits we did not merge, so that a
+        live peer ends on the final base (the one the last checkpoint holds). A pipelined peer reads that the run is
+        over between two steps, possibly before its last round landed (CI: a lab peer ended one round short).
+        Best effort: the coordinator stays about a round after its last commit, and a peer cut off ends where it is."""
+        try:
+            if flight is not None:
+                with contextlib.suppress(RunFinished):  # no commit for it: the catch-up below still follows the rest
+                    self._land(flight)
+            rec = self._base_record()
+            if rec.get("finished") and int(rec["round"]) > self.round:
+                self._catch_up(rec)
+        except NetworkError as err:
+            self.log({"event": "warning", "round": self.round, "error": f"ended short of the final base: {err}"})
+        self.log({"event": "finished", "round": self.round})
 
     def _step(self) -> None:
         """One optimizer step, timed: the peer's pace (what the coordinator sizes windows from) and its utilization."""

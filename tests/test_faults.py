@@ -57,9 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_phase(phase: str, round_min: int = 0, **detail: Any):
+def is_phase(phase: str, round_min: int = 0, min_members: int = 0, **detail: Any):
     return lambda e: (e.get("event") == "phase" and e["phase"] == phase and e["round"] >= round_min
-                      and all(e.get(k) == v for k, v in detail.items()))
+                      and e.get("members", 0) >= min_members and all(e.get(k) == v for k, v in detail.items()))
 
 
 def wait_gone(net: Network, proc: Proc, timeout: float = 15.0) -> None:
@@ -224,7 +224,7 @@ def story(tmp_path_factory) -> Story:
             prestart_restart(1)
             kill_in_phase(net, obs, s, "p0", "train")
             prestart_restart(2)
-            kill_in_phase(net, obs, s, "p1", "fetch")
+            kill_in_phase(net, obs, s, "p1", "fetch", min_members=2)  # grouped with a survivor, not only with us
             kill_in_phase(net, obs, s, "p2", "merge", member=True)
             s.phases["peer kills"] = time.monotonic() - t - sum(s.phases.values())
             stall_peer(net, obs, s, "p0b")
@@ -285,7 +285,12 @@ def test_peer_killed_after_its_group_formed_survivors_agree_and_it_rejoins(story
     print(f"fetch-phase victim {'in' if in_commit else 'left out of'} round {k}'s commit")
     if not in_commit:  # the coordinator was still to fetch its blobs when it died: it says it left it out
         assert any(l.startswith(f"round {k}:") and pid in l for l in story.coord.lines), story.coord.lines
-    assert set(story.ids[n] for n in kill["survivors"]) <= set(kill["commit"]["members"]), kill["commit"]
+    # The survivors of its group are committed. A survivor may have sat the round out (a pipelined peer whose
+    # snapshot came too late, or a restart still training its first T steps, follows it): CI saw one. Such a survivor
+    # never reached the fetch phase of round k, and only it may be missing.
+    grouped = [n for n in kill["survivors"]
+               if any(e.get("phase") == "fetch" and e.get("round") == k for e in story.peers[n].of("phase"))]
+    assert set(story.ids[n] for n in grouped) <= set(kill["commit"]["members"]), kill["commit"]
 
 
 @pytest.mark.timeout(900)
