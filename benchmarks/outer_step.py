@@ -32,7 +32,8 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     every = args.eval_every or (20 if args.quick else 50)
     ts = args.merge_every or ([20] if args.quick else [10, 50])
-    outers = [(1.0, 0.0)] + [tuple(float(x) for x in o.split(",")) for o in args.outer]
+    # "none" always runs (the reference); `--outer 1,0` alone runs only it
+    outers = list(dict.fromkeys([(1.0, 0.0)] + [tuple(float(x) for x in o.split(",")) for o in args.outer]))
     common = {"optim": {"steps": steps, "warmup_steps": min(50, steps // 8)}, "eval_every": every}
     banner(f"Outer step on LTE's merge, digits, {steps} steps, T in {ts}, seeds {seeds}", args.quick)
 
