@@ -43,18 +43,20 @@ PHASES = ("train", "agree", "fetch", "merge", "follow")
 PART_NAMES = {"train": "train", "agree": "agree", "fetch": "commit", "merge": "merge", "follow": "follow"}
 
 
-def spec_text(model: str, peers: int) -> str:
-    if model == "tiny":
-        return SMALL_SPEC
+def spec_text(model: str, peers: int, tiny_t: int = 20) -> str:
+    if model == "tiny":  # with a learning-rate schedule long enough for any run here, as utilization.py's
+        spec = yaml.safe_load(SMALL_SPEC)
+        spec["lte"]["merge_every"], spec["optim"]["steps"] = tiny_t, max(spec["optim"]["steps"], 40 * tiny_t)
+        return yaml.safe_dump(spec)
     return yaml.safe_dump(vit_s_spec(str(ROOT / "configs" / "digits.yaml"), peers, 32))
 
 
 def run_once(model: str, rate: float, rtt_ms: float, peers: int, rounds: int, workdir: Path,
-             schedule: str = "pipelined") -> dict[str, Any]:
+             schedule: str = "pipelined", tiny_t: int = 20) -> dict[str, Any]:
     """One run in a fresh lab; every process's events."""
     link = Shape(delay_ms=rtt_ms / 4, rate_mbit=rate)  # four one-way legs on a path between two hosts
     spec = workdir / "spec.yaml"
-    spec.write_text(spec_text(model, peers))
+    spec.write_text(spec_text(model, peers, tiny_t))
     with Lab() as lab, Network(workdir / "logs") as net:
         ch = lab.host("coord", link)
         hosts = [lab.host(f"peer{i}", link) for i in range(peers)]
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--models", nargs="+", choices=["tiny", "vit-s"], default=["tiny", "vit-s"])
+    ap.add_argument("--tiny-T", type=int, default=20, help="the tiny model's local steps per round (250: its training "
+                    "outlasts a round's communication, the case where a pipelined peer should never wait)")
     ap.add_argument("--schedules", nargs="+", choices=["sync", "pipelined"], default=["sync", "pipelined"],
                     help="the peers' --schedule, each run side by side")
     args = parse(ap, argv)
@@ -131,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         for rate in args.rates:
             for schedule in args.schedules:
                 print(f"{model} at {rate:g} Mbit/s, {schedule} ...", flush=True)
-                case = {"model": model, "rate_mbit": rate, "schedule": schedule}
+                name = model if model != "tiny" or args.tiny_T == 20 else f"tiny T={args.tiny_T}"
+                case = {"model": name, "rate_mbit": rate, "schedule": schedule}
                 with tempfile.TemporaryDirectory(prefix="lab-rounds-") as tmp:
                     try:
-                        run = run_once(model, rate, args.rtt, args.peers, args.rounds, Path(tmp), schedule)
+                        run = run_once(model, rate, args.rtt, args.peers, args.rounds, Path(tmp), schedule,
+                                       args.tiny_T)
                         results.append({**case, **summarize(run, args.peers, rate)})
                     except AssertionError as err:  # a run that did not finish: say why in the table, go on
                         results.append({**case, "failed": str(err).splitlines()[0]})

@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the last K checkpoints (and those of --keep-every)")
     s.add_argument("--keep-every", type=int_in(0), default=100,
                    help="also keep the checkpoint of every M-th round for good (0: none)")
-    s.add_argument("--wire", choices=["raw", "fp16"], default="raw", help="wire format of LoRA factors")
+    s.add_argument("--wire", choices=["raw", "fp16", "int8"],
+                   help="wire format of LoRA factors (default: the spec's lte.wire; another value overrides it on the "
+                        "network only, so the simulator no longer replays the run)")
     s.add_argument("--paths", choices=["auto", "factors", "dense"], default="auto",
                    help="how merged layers travel between peers: the cheaper per layer (auto), or one forced")
     s.add_argument("--max-rounds", type=int_in(1), help="stop after this many merged rounds")

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 prev = moved.pop(r - 1, 0)
                 acc = ev.get("test_accuracy")
                 loss = ev.get("mean_loss")
-                print(f"{r:>5} {ev['peers']:>5} {loss if loss is None else f'{loss:.4f}':>10} "
+                print(f"{r:>5} {ev['peers']:>5} {'-' if loss is None else f'{loss:.4f}':>10} "
                       f"{'-' if acc is None else f'{acc:.4f}':>8} {coord_bytes - last_coord_bytes + prev:>12,}",
                       flush=True)
                 last_coord_bytes = coord_bytes

@@ -95,7 +95,7 @@ class CoordinatorOptions:
     fetch_timeout: float = 20.0
     eval_every: int = 1
     checkpoint_every: int = 5
-    wire: str = "raw"
+    wire: str | None = None  # None: the spec's lte.wire
     max_rounds: int | None = None
     min_peers: int = 1
     paths: str = "auto"  # auto | factors | dense: how merged layers travel between peers
@@ -245,7 +245,8 @@ class Coordinator:
     def publish_spec(self) -> None:
         publish_signed(self.dht, spec_key(self.peer_id), {
             "spec": self.spec.model_dump(mode="json"), "spec_hash": self.spec_hash, "version": lte.__version__,
-            "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire, "paths": self.opts.paths,
+            "protocol": PROTOCOL_VERSION, "coordinator": self.peer_id, "wire": self.opts.wire or self.spec.lte.wire,
+            "paths": self.opts.paths,
             "round_seconds": self.opts.round_seconds, "fetch_timeout": self.opts.fetch_timeout,
             "allow": sorted(self.opts.allow) if self.opts.allow is not None else None,
             "binding": bind_owner(self.opts.checkpoint_dir / "p2p.id", self.owner),

@@ -57,6 +57,10 @@ class LTESpec(_Strict):
     # outer_lr (U + outer_momentum m) (Nesterov, as DiLoCo's outer step). 1 and 0 are plain LTE, bit for bit.
     outer_lr: float = Field(1.0, gt=0)
     outer_momentum: float = Field(0.0, ge=0, lt=1)
+    # How LoRA factors travel (lte/quant.py): raw fp32, fp16, or blockwise int8. Every merge uses the decoded values
+    # and V becomes them, so the code's error stays in the head and goes out in its next contribution. The network
+    # takes it from here (the coordinator's --wire may override it for network-only experiments).
+    wire: Literal["raw", "fp16", "int8"] = "raw"
 
     @model_validator(mode="after")
     def _one_merge_in_flight(self) -> "LTESpec":
@@ -67,6 +71,9 @@ class LTESpec(_Strict):
         if self.merge_delay and self.reset:
             raise ValueError("merge_delay > 0 needs the reset-less rule (reset: false): a reset would erase the "
                              "progress made while the merge is in flight")
+        if self.wire != "raw" and self.reset:
+            raise ValueError(f"wire: {self.wire} needs the reset-less rule (reset: false): a reset would erase the "
+                             "coding error that the next round sends again")
         return self
 
     @property
@@ -121,7 +128,8 @@ class RunSpec(_Strict):
 
 # (section, field) -> the default value at which `RunSpec.spec_hash` leaves the field out.
 _HASHED_ONLY_IF_SET: dict[tuple[str, str], Any] = {("lte", "merge_delay"): 0, ("lte", "round_samples"): 0,
-                                                   ("lte", "outer_lr"): 1.0, ("lte", "outer_momentum"): 0.0}
+                                                   ("lte", "outer_lr"): 1.0, ("lte", "outer_momentum"): 0.0,
+                                                   ("lte", "wire"): "raw"}
 
 
 def _first_error(err: ValidationError) -> str:

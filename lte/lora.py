@@ -22,6 +22,7 @@ from torch.func import functional_call, vmap
 from lte.config import LTESpec
 from lte.errors import ConfigError
 from lte.merge import Factors, HeadContribution, MergeUpdate, apply_update, merge_contributions, outer_step
+from lte.quant import roundtrip
 
 
 BaseDType = Literal["fp32", "bf16", "int8"]
@@ -320,13 +321,15 @@ class LTEModel(nn.Module):
 
     @torch.no_grad()
     def snapshot(self, h: int, samples: float = 1.0) -> Snapshot:
-        """Head h's contribution as it stands now, as copies: training on afterwards does not change it."""
+        """Head h's contribution as it stands now, as copies: training on afterwards does not change it. Its factors
+        are what receivers decode in the run's wire format (`lte.wire`), as a network peer's are."""
         if self.spec.reset:
             # Reset zeroes B at a merge, which would also erase the progress made since the snapshot.
             raise ValueError("pipelined rounds need the reset-less rule (lte.reset: false)")
+        wire = self.spec.wire
         return Snapshot(
             self.head_ids[h], samples,
-            {n: (l.lora_A[h].clone(), l.lora_B[h].clone()) for n, l in self.layers.items()},
+            {n: (roundtrip(l.lora_A[h], wire), roundtrip(l.lora_B[h], wire)) for n, l in self.layers.items()},
             {n: (l.v_A[h].clone(), l.v_B[h].clone()) for n, l in self.layers.items()},
             {n: p[h].detach().clone() for n, p in self.replica_parameters()})
 

@@ -155,6 +155,9 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
     pipelined = spec.lte.merge_delay or spec.lte.round_samples or participation < 1
     if pipelined and method != "lte":  # pipelined rounds are LTE's bookkeeping (LTEModel.load_base)
         raise ConfigError(f"lte.merge_delay, lte.round_samples and participation apply to method lte only, not {method}")
+    # LTE over a lossy wire (lte.wire) merges snapshots at delay 0 too: their factors are the decoded ones and V
+    # becomes them. (The DiLoCo baseline's pseudo-gradients are not coded yet: it ignores lte.wire.)
+    by_snapshots = pipelined or (method == "lte" and spec.lte.wire != "raw")
     if not 0 < participation <= 1:
         raise ConfigError(f"participation must be in (0, 1], not {participation}")
     torch.manual_seed(spec.seed)
@@ -180,7 +183,7 @@ def train(spec: RunSpec, method: Method, device: str = "cpu", progress: bool = T
             model.merge_snapshots(in_flight[1], spec.lte.round_samples)
             in_flight, merges = None, merges + 1
         if method in ("lte", "diloco") and (step + 1) % T == 0:
-            if pipelined:
+            if by_snapshots:
                 chosen = [h for h in range(heads) if members.random() < participation] or [members.randrange(heads)]
                 snaps = [model.snapshot(h, pending[h]) for h in chosen]
                 for h in chosen:

@@ -41,6 +41,7 @@ from lte.net.rounds import (BASE, CHECKPOINT, PROTOCOL_VERSION, REPLICAS, Digest
 from lte.lora import Snapshot
 from lte.train import HeadTrainer
 from lte.validate import Rejected, update_norm
+from lte.quant import WIRE_FORMATS
 from lte.wire import Layout, pack_factors, pack_replicas, unpack_replicas
 
 from peer.training_data import training_data
@@ -183,6 +184,9 @@ class Peer:
             self._check_allowed()
             self.run = self.spec.run
             self.wire = record.get("wire", "raw")
+            if self.wire not in WIRE_FORMATS:
+                raise ConfigError(f"run sends factors as {self.wire!r}, which this lte-peer cannot code "
+                                  f"(it knows {', '.join(WIRE_FORMATS)}): upgrade lte-network")
             self.paths = record.get("paths", "auto")
             self.fetch_timeout = float(record.get("fetch_timeout", 20.0))
             self.blobs = self._blob_service()

@@ -4,7 +4,6 @@ What the network peer will rely on: the bookkeeping is exact, delay 0 is today's
 simulator run equals single-head peers that apply commit k d steps after snapshot k.
 """
 import copy
-import hashlib
 import json
 
 import pytest
@@ -19,7 +18,7 @@ from lte.merge import merge_contributions
 from lte.models import create_base_model
 from lte.sim import main as sim_main
 from lte.train import HeadTrainer, build_model, evaluate, head_loss, optimizer_step, param_groups, train, warmup_cosine
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, hash_before_later_fields
 
 
 def _spec(tiny_spec: RunSpec, **lte) -> RunSpec:
@@ -211,10 +210,7 @@ def test_left_out_head_carries_both_rounds_into_its_next_contribution(tiny_spec)
 def test_merge_delay_validation_and_hash(tiny_spec):
     # Left out of the hash at its default, so every existing run's hash (and checkpoint) stays valid: the hash is
     # the one spec_hash gave before the field existed.
-    before = tiny_spec.model_dump(mode="json")
-    for k in ("merge_delay", "round_samples", "outer_lr", "outer_momentum"):  # later fields, left out the same way
-        del before["lte"][k]
-    assert tiny_spec.spec_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert tiny_spec.spec_hash() == hash_before_later_fields(tiny_spec)
     assert _spec(tiny_spec, merge_delay=2).spec_hash() != _spec(tiny_spec, merge_delay=0).spec_hash()
     with pytest.raises(ConfigError, match="merge_delay=3 is larger than merge_every=2"):
         _spec(tiny_spec, merge_delay=3)

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from netproc import nothing_left_behind  # noqa: F401  (an autouse module fixture)
-from netproc import (Network, Observer, Proc, base_hashes, coordinator_id, disagreements, new_identity, rounds_of,
-                     write_spec)
+from netproc import (SMALL_SPEC, Network, Observer, Proc, base_hashes, coordinator_id, disagreements, new_identity,
+                     rounds_of, write_spec)
 
 # hivemind calls torch.jit.script when it is imported here (observer, identities); torch warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -307,7 +307,8 @@ def test_unreachable_or_malformed_address_fails_in_one_line(tmp_path):
 
 # ----- test 2: a network run equals its single-process replay ---------------------------------------------
 @pytest.mark.timeout(300)
-def test_network_run_equals_single_process_replay(tmp_path):
+@pytest.mark.parametrize("wire", ["raw", "int8"])  # int8: the peers' codes and the simulator's are the same values
+def test_network_run_equals_single_process_replay(tmp_path, wire):
     from safetensors.torch import load_file
 
     from lte.checkpoint import state_hash
@@ -317,7 +318,8 @@ def test_network_run_equals_single_process_replay(tmp_path):
     from lte.models import create_base_model
     from lte.train import HeadTrainer
 
-    spec_path = write_spec(tmp_path)
+    spec_path = write_spec(tmp_path, SMALL_SPEC.replace("lte:\n", f"lte:\n  wire: {wire}\n"))
+    assert load_spec(spec_path).lte.wire == wire
     ck = tmp_path / "ck"
     with Network(tmp_path / "logs") as net:
         lockstep = ["--schedule", "lockstep"]

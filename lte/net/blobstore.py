@@ -1,7 +1,7 @@
 """Content-addressed blobs: ordered lists of tensors, kept in their on-wire (serialized) form.
 
 A blob's address is the sha256 of what goes on the wire: dtype, shape, codec and bytes of every tensor.
-Hashing the wire form, not the original tensors, means that with a lossy wire codec (fp16) every receiver
+Hashing the wire form, not the original tensors, means that with a lossy wire codec (fp16, int8) every receiver
 checks and decodes the same bytes, so all of them end up with identical tensors. The sender should use
 `BlobStore.tensors(sha)` (the decoded wire form), not its originals, wherever results must match bitwise.
 
@@ -23,17 +23,23 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-Wire = Literal["raw", "fp16"]
+from lte.quant import WIRE_FORMATS, int8_decode, int8_encode
+
+Wire = Literal["raw", "fp16", "int8"]
 FILE_CHUNK_BYTES = 2**20
 
 
 def encode(tensors: Iterable[torch.Tensor], wire: Wire = "raw") -> list[runtime_pb2.Tensor]:
-    """Serialize tensors for the wire; with wire="fp16", float32 tensors travel as float16 (others raw)."""
-    if wire not in ("raw", "fp16"):
+    """Serialize tensors for the wire; float32 tensors travel as float16 with wire="fp16", and as two parts with
+    wire="int8": int8 codes of the tensor's shape, then one float32 scale per block (lte/quant.py). Others go raw."""
+    if wire not in WIRE_FORMATS:
         raise ValueError(f"unknown wire format {wire!r}")
     parts = []
     for tensor in tensors:
         tensor = tensor.detach().cpu()
+        if wire == "int8" and tensor.dtype == torch.float32:
+            parts += [serialize_torch_tensor(t, runtime_pb2.CompressionType.NONE) for t in int8_encode(tensor)]
+            continue
         codec = runtime_pb2.CompressionType.NONE
         if wire == "fp16" and tensor.dtype == torch.float32:
             codec = runtime_pb2.CompressionType.FLOAT16
@@ -42,8 +48,21 @@ def encode(tensors: Iterable[torch.Tensor], wire: Wire = "raw") -> list[runtime_
 
 
 def decode(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
-    """Tensors back from their wire form (fp16-coded ones come back as float32 holding fp16 values)."""
-    return [deserialize_torch_tensor(part) for part in parts]
+    """Tensors back from their wire form (fp16- and int8-coded ones come back as float32 holding the decoded values).
+
+    An int8 part is always int8 codes followed by its scales: no blob carries int8 tensors of its own (checkpoint
+    files travel as uint8). Raises ValueError for parts that do not decode."""
+    out: list[torch.Tensor] = []
+    parts = iter(parts)
+    for part in parts:
+        tensor = deserialize_torch_tensor(part)
+        if tensor.dtype == torch.int8:
+            scales = next(parts, None)
+            if scales is None:
+                raise ValueError("int8 wire: codes without their scales")
+            tensor = int8_decode(tensor, deserialize_torch_tensor(scales))
+        out.append(tensor)
+    return out
 
 
 def digest(parts: Iterable[runtime_pb2.Tensor]) -> str:
