@@ -733,10 +733,13 @@ class Peer:
         except NetworkError:
             return False
 
-    def _wait_commit(self, k: int, until_close_s: float = 0.0,
-                     opened: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def _wait_commit(self, k: int, until_close_s: float = 0.0, opened: dict[str, Any] | None = None,
+                     grouped: bool = False) -> dict[str, Any] | None:
         """Round k's commit, or None once none can come. `opened`: the base record the round was joined on (a
-        pipelined flight); without it, the record as read now."""
+        pipelined flight); without it, the record as read now. `grouped`: our group holds the coordinator, so a new
+        window for round k is the one our group formed in, not a sign that it failed: a flight that took off just
+        before the coordinator reopened the window, and joined it, gave up on the commit that merged it (CI: it then
+        announced a second snapshot for the round, and resynced when the commit named the first)."""
         deadline = time.monotonic() + max(0.0, until_close_s) + self.fetch_timeout + 10.0
         # A coordinator resumed from an older checkpoint commits round k again: only its current life's commit counts.
         # And once the base record shows a new life, or a new window for round k, no commit is coming for ours.
@@ -755,7 +758,7 @@ class Peer:
             if time.monotonic() > check_base_at:
                 now = self._base_record()
                 if (now.get("epoch") != base.get("epoch") or now.get("finished")
-                        or (now["round"] == k and now["close"] != base["close"])):
+                        or (now["round"] == k and now["close"] != base["close"] and not grouped)):
                     return None
                 check_base_at = time.monotonic() + 2.0
             time.sleep(0.2)
@@ -930,7 +933,7 @@ class Peer:
                 self._prefetch(k, gathered, sent)
         else:
             self._phase("follow", k, training=True)
-        commit = self._wait_commit(k, close - get_dht_time(), opened=rec)
+        commit = self._wait_commit(k, close - get_dht_time(), opened=rec, grouped=self.coordinator in gathered)
         if commit is None:
             return None
         ours = commit["members"].get(self.peer_id)
