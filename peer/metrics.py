@@ -58,8 +58,8 @@ class PeerMetrics(Collector):
 
     def merged(self, round_id: int, peers: int, contributed: bool, samples: int | None = None) -> None:
         """Round `round_id - 1` was merged. Without `samples`, all our pending samples went into the base if we were
-        a committed member and are lost otherwise; with it (a peer that keeps its progress), exactly `samples` went
-        in (or, not `contributed`, were dropped: a rejected snapshot), and the rest stay pending."""
+        a committed member and are lost otherwise (a rejected contribution drops all of them); with it (a peer that
+        keeps its progress), exactly `samples` went in (none when it was left out), and the rest stay pending."""
         self.rounds.base_changed(merged=True)
         with self._lock:
             if samples is not None:
